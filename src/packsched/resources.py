@@ -101,7 +101,9 @@ def parse_cpu(value: str | int | float, *, field: str = "cpu") -> float:
         InvalidSpecError: naming `field` and the bad value.
     """
     if isinstance(value, bool):
-        raise InvalidSpecError(f"{field} must be a number of cores such as 2 or 500m, got {value!r}")
+        raise InvalidSpecError(
+            f"{field} must be a number of cores such as 2 or 500m, got {value!r}"
+        )
     if isinstance(value, int | float):
         cores = float(value)
     else:
@@ -292,7 +294,7 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
                 out[name] = need / have
             else:
                 out[name] = math.inf if need > _EPS else 0.0
-        for name, have in capacity.items():
+        for name, _ in capacity.items():
             out.setdefault(name, 0.0)
         return out
 

@@ -99,7 +99,7 @@ _STAGE: dict[TaskState, int] = {
     S.LOST: 0,
     S.STAGING: 1,
     S.RUNNING: 2,
-    **{s: 3 for s in SETTLED},
+    **dict.fromkeys(SETTLED, 3),
 }
 
 

@@ -82,7 +82,9 @@ class Cluster(abc.ABC):
             largest = largest.max(shape.resources)
         return largest
 
-    async def reattach(self, alloc_id: str, resources: Resources, labels: Mapping[str, str]) -> Alloc | None:
+    async def reattach(
+        self, alloc_id: str, resources: Resources, labels: Mapping[str, str]
+    ) -> Alloc | None:
         """After a restart, get back an alloc the previous daemon held, or None if it is gone.
 
         The default re-attaches nothing: the tasks that were on it become LOST.
