@@ -18,6 +18,8 @@ from packsched import (
 )
 from packsched.testing import ManualCluster, error_codes, wait_until
 
+from .conftest import hosted
+
 S = TaskState
 FAST = SchedulerConfig(
     drain_timeout=0.01,
@@ -40,7 +42,7 @@ def cluster() -> ManualCluster:
 
 @pytest.fixture
 async def sched(cluster: ManualCluster) -> AsyncIterator[Scheduler]:
-    async with Scheduler(cluster, config=FAST) as s:
+    async for s in hosted(Scheduler(cluster, config=FAST)):
         yield s
 
 
@@ -139,10 +141,13 @@ async def test_repeated_loss_fails_after_max_lost(cluster: ManualCluster, sched:
 
 async def test_batch_gets_one_request(cluster: ManualCluster, sched: Scheduler) -> None:
     """Four tasks submitted together: one request sized for all, and no second while it pends."""
-    await sched.submit(*[spec(cpu=2, mem=2 * GiB) for _ in range(4)])
+    four = await sched.submit(*[spec(cpu=2, mem=2 * GiB) for _ in range(4)])
     req = await cluster.next_request()
     assert Resources(cpu=8, mem=8 * GiB).fits_in(req.requirements.min)
-    await sched.submit(spec(cpu=0.5, mem=1 * GiB))  # an event while the request pends
+    # Events while the request pends, each followed by a placement pass.
+    [held] = await sched.submit(spec(hold=True))
+    await sched.set_priority(four[0].id, -1)
+    await sched.kill(held.id)
     with pytest.raises(TimeoutError):
         await cluster.next_request(timeout=0.2)
     alloc = req.grant(Resources(cpu=8, mem=8 * GiB))
@@ -213,10 +218,10 @@ async def test_auto_retry_uses_retries(cluster: ManualCluster, sched: Scheduler)
     [t] = await sched.submit(spec(retries=1))
     alloc = (await cluster.next_request()).grant()
     for attempt in range(2):
-        await wait_until(lambda: t.id in alloc.task_ids)
-        assert sched.get(t.id).attempt == attempt
+        await wait_until(
+            lambda n=attempt: t.id in alloc.task_ids and sched.get(t.id).attempt == n  # type: ignore[misc]
+        )
         alloc.complete(t.id, exit_code=1)
-        await wait_until(lambda: t.id not in alloc.task_ids)
     t = await sched.wait(t.id)
     assert t.state is S.ERROR and t.attempt == 1 and t.retries_used == 1
 

@@ -254,18 +254,20 @@ class Scheduler:
 
     async def _shutdown(self) -> None:
         """Kill what runs (its tasks go back to the queue), cancel requests, free every alloc."""
-        for entry in self._tasks.values():
-            if entry.scope is not None and entry.cancel_reason is None:
-                entry.cancel_reason = "shutdown"
-                entry.scope.cancel()
+        for alloc in self._allocs.values():
+            for task_id in alloc.tasks:
+                entry = self._tasks[task_id]
+                if entry.scope is not None and entry.cancel_reason is None:
+                    entry.cancel_reason = "shutdown"
+                    entry.scope.cancel()
         for request in list(self._requests.values()):
             request.scope.cancel()
         with anyio.move_on_after(self.config.free_timeout + 5):
             while self._runners:
                 await self._runners_done.wait()
         async with anyio.create_task_group() as tg:
-            for entry in list(self._allocs.values()):
-                tg.start_soon(self._free_alloc, entry, False)
+            for alloc in list(self._allocs.values()):
+                tg.start_soon(self._free_alloc, alloc, False)
         await self._flush()
 
     def stop_accepting(self) -> None:
@@ -638,7 +640,7 @@ class Scheduler:
             )
             if task.state is S.ERROR:
                 changes["retries_used"] = task.retries_used + 1
-        new = msgspec.structs.replace(task, **changes)  # type: ignore[arg-type]
+        new = msgspec.structs.replace(task, **changes)
         if target in SETTLED or target is S.LOST:
             self._dirty_attempts.append(
                 Attempt(

@@ -16,8 +16,6 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 
 import anyio
-import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .cluster.base import Alloc, Cluster, StartedCallback
 from .errors import AllocationError, PackschedError
@@ -138,10 +136,8 @@ class ManualCluster(Cluster):
         self._shapes = list(shapes)
         self.requests: list[ManualRequest] = []
         self.allocs: list[ManualAlloc] = []
-        send: MemoryObjectSendStream[ManualRequest]
-        receive: MemoryObjectReceiveStream[ManualRequest]
-        send, receive = anyio.create_memory_object_stream[ManualRequest](max_buffer_size=1000)
-        self._send, self._receive = send, receive
+        self._seen = 0  # requests already handed to the test by next_request()
+        self._arrived = anyio.Event()
 
     def shapes(self) -> Sequence[AllocShape]:
         return self._shapes
@@ -150,9 +146,12 @@ class ManualCluster(Cluster):
         """The next request the scheduler made that the test has not seen yet."""
         with anyio.fail_after(timeout):
             while True:
-                request = await self._receive.receive()
-                if not request.cancelled:
-                    return request
+                while self._seen < len(self.requests):
+                    request = self.requests[self._seen]
+                    self._seen += 1
+                    if not request.cancelled:
+                        return request
+                await self._arrived.wait()
 
     def pending_requests(self) -> list[ManualRequest]:
         """Requests not yet answered nor cancelled, oldest first."""
@@ -161,7 +160,8 @@ class ManualCluster(Cluster):
     async def allocate(self, requirements: Requirements, labels: Mapping[str, str]) -> Alloc:
         request = ManualRequest(requirements, labels)
         self.requests.append(request)
-        self._send.send_nowait(request)
+        self._arrived.set()
+        self._arrived = anyio.Event()
         try:
             await request._answered.wait()
         except BaseException:
@@ -171,9 +171,6 @@ class ManualCluster(Cluster):
             raise AllocationError(request.refused or "refused")
         self.allocs.append(request.alloc)
         return request.alloc
-
-    async def aclose(self) -> None:
-        await self._send.aclose()
 
 
 async def wait_until(
