@@ -73,7 +73,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def history(self, query: HistoryQuery) -> list[Attempt]:
-        """Finished attempts matching `query`, oldest first."""
+        """Finished attempts matching `query`, oldest first.
+
+        The time range is on when each attempt ended (`since <= ended < until`); with `limit`
+        these are the latest `limit` matches (still oldest first), which is what per-kind
+        statistics want.
+        """
+
+    @abc.abstractmethod
+    async def error_tasks_older_than(self, before: float) -> list[str]:
+        """Ids of the tasks in ERROR whose state changed before `before`, oldest first.
+
+        The scheduler ages these out to FAILED (an ERROR left alone too long is given up on).
+        """
 
     @abc.abstractmethod
     async def prune(self, settled_before: float) -> int:
