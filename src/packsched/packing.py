@@ -1,0 +1,671 @@
+"""The packing policy: which waiting task runs on which alloc, and which allocs to ask for.
+
+Pure functions of their arguments (no I/O, no asyncio, no clock), deterministic for the same
+input, so the scheduler can call them after every event and tests can replay any decision.
+
+- `place` puts waiting demands on the free room of live allocs: priority first, best fit over
+  every dimension, no head-of-line blocking, and reservations against starvation when the
+  cluster cannot grow.
+- `plan` turns the demands that fit nowhere into alloc requests: it first counts pending
+  requests at their full size, then packs the rest into the cheapest mix of the shapes on offer.
+- `pack` is the offline packer `plan` uses; `first_fit_decreasing` and `lower_bound` are the
+  baselines it is measured against (tests and `bench/packing.py`).
+
+Inside, every resource vector becomes a tuple of floats over a fixed list of dimensions
+(cpu, mem, disk, gpu, then the extras in name order), because per-dimension arithmetic on
+tuples is several times faster than on `Resources` and `place` must handle 100k demands.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .resources import AllocShape, Requirements, Resources
+
+__all__ = [
+    "Bin",
+    "Demand",
+    "PendingRequest",
+    "Placement",
+    "Plan",
+    "Room",
+    "first_fit_decreasing",
+    "lower_bound",
+    "pack",
+    "place",
+    "plan",
+]
+
+# Float dimensions (fractional cpu, extras) are compared with this tolerance so that sums such
+# as 0.1 + 0.2 never make a demand look one ulp too large for the room computed for it. Byte
+# and device counts are whole numbers, exact in a float up to 2**53, so it never matters there.
+_EPS = 1e-9
+
+# In `place`, fits whose normalised slack is within this much of the best one count as
+# "near-equal", and the expected end times decide among them (5% of one dimension's capacity).
+_NEAR = 0.05
+
+_Vec = tuple[float, ...]
+
+
+# -- public types ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """A waiting task as packing sees it: its resources and its place in the queue."""
+
+    id: str
+    resources: Resources
+    priority: int = 0
+    """Lower runs first."""
+    order: int = 0
+    """FIFO within a priority, lower first; rescheduled lost tasks get negative orders."""
+    expected_duration: float | None = None
+    """Seconds, when declared or learned from history."""
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """A live alloc as packing sees it: its size and what is free on it now."""
+
+    id: str
+    capacity: Resources
+    free: Resources
+    expected_free_at: float | None = None
+    """When its current tasks are expected to end, in seconds from now (None: unknown)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """What `place` decided."""
+
+    assignments: list[tuple[str, str]]
+    """`(demand id, room id)` in the order decided."""
+    unplaced: list[Demand]
+    """The demands left waiting, in priority/order order."""
+    reserved: dict[str, str]
+    """Room id -> the id of the demand it is held for (only when the cluster cannot grow)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """An alloc request already made and not yet granted."""
+
+    id: str
+    requirements: Requirements
+    """Counted at its full size, `requirements.full`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What `plan` decided."""
+
+    requests: list[Requirements]
+    """New alloc requests to make, most urgent first."""
+    cancel: list[str]
+    """Ids of pending requests that no waiting demand needs any more."""
+    covered: list[str]
+    """Ids of the demands that pending or new requests will hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bin:
+    """One alloc of the offline packer: its shape, the demands it holds and their sum."""
+
+    shape: AllocShape
+    demand_ids: tuple[str, ...]
+    used: Resources
+
+
+# -- vectors -----------------------------------------------------------------------------------
+
+
+class _Space:
+    """The fixed order of dimensions that turns `Resources` into float tuples."""
+
+    __slots__ = ("extras",)
+
+    def __init__(self, vectors: Iterable[Resources]) -> None:
+        names: set[str] = set()
+        for r in vectors:
+            if r.extra:
+                names.update(k for k, v in r.extra.items() if v)
+        self.extras = sorted(names)
+
+    def vec(self, r: Resources) -> _Vec:
+        if self.extras:
+            ex = r.extra
+            return (
+                float(r.cpu),
+                float(r.mem),
+                float(r.disk),
+                float(r.gpu),
+                *(float(ex.get(k, 0.0)) for k in self.extras),
+            )
+        return (float(r.cpu), float(r.mem), float(r.disk), float(r.gpu))
+
+
+def _fits(d: _Vec, free: Sequence[float]) -> bool:
+    # An explicit loop: this is the hottest line of `place`, and all() over a generator is
+    # about twice as slow.
+    for dk, fk in zip(d, free, strict=True):  # noqa: SIM110
+        if dk > fk + _EPS:
+            return False
+    return True
+
+
+def _weights(capacity: _Vec) -> _Vec:
+    """1/capacity per dimension (0 where the capacity is 0): multiplying by it normalises."""
+    return tuple(1.0 / c if c > 0 else 0.0 for c in capacity)
+
+
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def _urgency(d: Demand) -> tuple[int, int, str]:
+    return (d.priority, d.order, d.id)
+
+
+def _sum(resources: Iterable[Resources]) -> Resources:
+    total = Resources()
+    for r in resources:
+        total = total + r
+    return total
+
+
+# -- place -------------------------------------------------------------------------------------
+
+
+class _Rooms:
+    """The live rooms of one `place` call, kept so that the best fit is found without a scan.
+
+    Rooms of the same capacity form a group; inside a group they are kept sorted by
+    `(slack, id)`, where slack is the room's free space normalised by its capacity and summed
+    over dimensions. For one demand every room of a group loses the same normalised amount, so
+    the group's best fit is simply the first room in that order the demand fits in; only the
+    groups (a handful of alloc sizes) are compared. Rooms that can hold no demand of this call
+    any more are dropped from their group.
+    """
+
+    def __init__(self, rooms: Sequence[Room], space: _Space, floor: _Vec) -> None:
+        self.ids = [r.id for r in rooms]
+        self.cap = [space.vec(r.capacity) for r in rooms]
+        self.free = [list(space.vec(r.free)) for r in rooms]
+        self.end = [r.expected_free_at for r in rooms]
+        self.empty = [r.free == r.capacity for r in rooms]
+        self.floor = floor
+        groups: dict[_Vec, int] = {}
+        self.group_cap: list[_Vec] = []
+        self.group_w: list[_Vec] = []
+        self.group_rooms: list[list[tuple[float, str, int]]] = []
+        self.group_of: list[int] = []
+        self.slack: list[float] = []
+        self.live = [False] * len(rooms)
+        self.held = [False] * len(rooms)
+        for i, cap in enumerate(self.cap):
+            g = groups.get(cap)
+            if g is None:
+                g = groups[cap] = len(self.group_cap)
+                self.group_cap.append(cap)
+                self.group_w.append(_weights(cap))
+                self.group_rooms.append([])
+            self.group_of.append(g)
+            self.slack.append(_dot(self.group_w[g], self.free[i]))
+            if not self._spent(i):
+                self.live[i] = True
+                self.group_rooms[g].append((self.slack[i], self.ids[i], i))
+        for entries in self.group_rooms:
+            entries.sort()
+        self.max_free = self._max_free()
+
+    def _spent(self, i: int) -> bool:
+        """True when room i is too short in some dimension for every demand of this call."""
+        return not _fits(self.floor, self.free[i])
+
+    def _max_free(self) -> list[float]:
+        """An upper bound, per dimension, of the free space of any live room."""
+        out = [0.0] * len(self.floor)
+        for entries in self.group_rooms:
+            for _, _, i in entries:
+                out = [max(a, b) for a, b in zip(out, self.free[i], strict=True)]
+        return out
+
+    def any_live(self) -> bool:
+        return any(self.group_rooms)
+
+    def best(self, d: _Vec, duration: float | None) -> int | None:
+        """The room to put demand d on, or None when it fits no live room now."""
+        if not _fits(d, self.max_free):
+            return None
+        best: tuple[float, str, int] | None = None
+        firsts: list[tuple[int, float]] = []
+        for g, entries in enumerate(self.group_rooms):
+            if not entries or not _fits(d, self.group_cap[g]):
+                continue
+            dw = _dot(d, self.group_w[g])
+            free = self.free
+            for slack, rid, i in entries:
+                if _fits(d, free[i]):
+                    firsts.append((g, dw))
+                    cand = (slack - dw, rid, i)
+                    if best is None or cand < best:
+                        best = cand
+                    break
+        if best is None:
+            # A full walk found nothing: tighten the quick-reject bound while it is cheap to.
+            self.max_free = self._max_free()
+            return None
+        if duration is None:
+            return best[2]
+        # Tasks that end together share an alloc: among near-equal fits, take the room whose
+        # current tasks are expected to end closest to when this one would.
+        limit = best[0] + _NEAR
+        pick: tuple[float, float, str, int] | None = None
+        for g, dw in firsts:
+            for slack, rid, i in self.group_rooms[g]:
+                score = slack - dw
+                if score > limit:
+                    break
+                if not _fits(d, self.free[i]):
+                    continue
+                end = self.end[i]
+                gap = abs(end - duration) if end is not None and not self.empty[i] else math.inf
+                option = (gap, score, rid, i)
+                if pick is None or option < pick:
+                    pick = option
+        assert pick is not None
+        return pick[3]
+
+    def take(self, i: int, d: _Vec, duration: float | None) -> None:
+        """Put demand d (expected to take `duration` seconds) on room i."""
+        g = self.group_of[i]
+        entries = self.group_rooms[g]
+        del entries[bisect_left(entries, (self.slack[i], self.ids[i], i))]
+        f = self.free[i]
+        for k, dk in enumerate(d):
+            f[k] = max(0.0, f[k] - dk)
+        self.slack[i] = _dot(self.group_w[g], f)
+        end = self.end[i]
+        if duration is None:
+            self.end[i] = None  # a task of unknown length: the room's end is unknown too
+        elif self.empty[i] or end is not None:
+            self.end[i] = duration if self.empty[i] or end is None else max(end, duration)
+        self.empty[i] = False
+        if self._spent(i):
+            self.live[i] = False
+        else:
+            insort(entries, (self.slack[i], self.ids[i], i))
+
+    def reserve_for(self, d: _Vec) -> int | None:
+        """Hold the room with the most free space among those whose capacity fits d."""
+        best: tuple[float, str, int] | None = None
+        for i, cap in enumerate(self.cap):
+            if self.held[i] or not _fits(d, cap):
+                continue
+            cand = (-self.slack[i], self.ids[i], i)
+            if best is None or cand < best:
+                best = cand
+        if best is None:
+            return None
+        i = best[2]
+        if self.live[i]:
+            entries = self.group_rooms[self.group_of[i]]
+            del entries[bisect_left(entries, (self.slack[i], self.ids[i], i))]
+            self.live[i] = False
+        self.held[i] = True
+        return i
+
+
+def place(demands: Sequence[Demand], rooms: Sequence[Room], *, can_grow: bool = True) -> Placement:
+    """Put waiting demands on the free room of live allocs.
+
+    Demands go in priority order, then `order`, each onto the room where it fits with the least
+    normalised slack left: slack is the room's free space after the placement, divided by its
+    capacity per dimension and summed over every dimension (cpu, mem, disk, gpu, extras).
+    Normalising by the room's own capacity fills the fullest allocs first, so the emptiest ones
+    drain and can be freed; summing over all dimensions, including those the demand does not
+    use, keeps tasks that need no GPU off GPU allocs while others are free. Ties go to the
+    smaller room id. Among fits within 0.05 of the best, a demand with an `expected_duration`
+    takes the room whose tasks are expected to end closest to its own end.
+
+    A demand that fits nowhere does not block the ones behind it. When the cluster cannot grow
+    (`can_grow=False`), such a demand reserves the room with the most free space whose
+    capacity could hold it, so that later demands cannot keep taking that room.
+
+    Args:
+        demands: the waiting tasks, in any order.
+        rooms: the live allocs.
+        can_grow: whether the cluster can give more allocs now.
+    """
+    ordered = sorted(demands, key=_urgency)
+    if not ordered or not rooms:
+        return Placement(assignments=[], unplaced=ordered, reserved={})
+    space = _Space(
+        [*(d.resources for d in ordered), *(r.capacity for r in rooms), *(r.free for r in rooms)]
+    )
+    vecs = [space.vec(d.resources) for d in ordered]
+    floor = tuple(min(col) for col in zip(*vecs, strict=True))
+    state = _Rooms(rooms, space, floor)
+    assignments: list[tuple[str, str]] = []
+    unplaced: list[Demand] = []
+    reserved: dict[str, str] = {}
+    failed: set[_Vec] = set()  # rooms only shrink, so what failed once fails for good
+    no_reservation: set[_Vec] = set()
+    last: tuple[_Vec, float | None, int] | None = None
+    for demand, d in zip(ordered, vecs, strict=True):
+        duration = demand.expected_duration
+        i: int | None = None
+        # The room that was best for the previous, identical demand is still the best if it
+        # still fits: only its own slack has shrunk since.
+        if (
+            last is not None
+            and last[0] == d
+            and last[1] == duration
+            and state.live[last[2]]
+            and _fits(d, state.free[last[2]])
+        ):
+            i = last[2]
+        if i is None and d not in failed:
+            i = state.best(d, duration)
+            if i is None:
+                failed.add(d)
+        if i is not None:
+            state.take(i, d, duration)
+            assignments.append((demand.id, state.ids[i]))
+            last = (d, duration, i)
+            continue
+        unplaced.append(demand)
+        if not can_grow and d not in no_reservation:
+            r = state.reserve_for(d)
+            if r is None:
+                no_reservation.add(d)
+            else:
+                reserved[state.ids[r]] = demand.id
+                if last is not None and last[2] == r:
+                    last = None
+    return Placement(assignments=assignments, unplaced=unplaced, reserved=reserved)
+
+
+# -- the offline packer ------------------------------------------------------------------------
+
+
+class _Menu:
+    """The alloc shapes on offer, as vectors, with a price for each and a common scale."""
+
+    def __init__(self, shapes: Sequence[AllocShape], space: _Space) -> None:
+        self.shapes = list(shapes)
+        self.cap = [space.vec(s.resources) for s in shapes]
+        width = len(self.cap[0]) if self.cap else 0
+        # Shares are taken of the largest capacity on offer in each dimension, so that one
+        # unit of normalised size means the same in every shape.
+        top = tuple(max((c[k] for c in self.cap), default=0.0) for k in range(width))
+        self.w = _weights(top)
+        self.size = [_dot(c, self.w) for c in self.cap]
+        priced = [
+            (s.price, z) for s, z in zip(shapes, self.size, strict=True) if s.price is not None
+        ]
+        # With no price, a shape costs in proportion to its size; when only some shapes have a
+        # price, the others are priced at the mean rate of those that do.
+        rates = [p / z for p, z in priced if z > 0]
+        rate = sum(rates) / len(rates) if rates else 1.0
+        self.price = [
+            s.price if s.price is not None else z * rate
+            for s, z in zip(shapes, self.size, strict=True)
+        ]
+
+    def opening(self, d: _Vec) -> int | None:
+        """The shape a new bin for d is packed in: the best price per size, then the largest."""
+        best: tuple[float, float, int] | None = None
+        for j, cap in enumerate(self.cap):
+            if not _fits(d, cap):
+                continue
+            z = self.size[j]
+            cand = (self.price[j] / z if z > 0 else math.inf, -z, j)
+            if best is None or cand < best:
+                best = cand
+        return None if best is None else best[2]
+
+    def cheapest(self, used: _Vec, current: int) -> int:
+        """The cheapest shape that still holds `used` (ties: the larger, then menu order)."""
+        best = (self.price[current], -self.size[current], current)
+        for j, cap in enumerate(self.cap):
+            if _fits(used, cap):
+                best = min(best, (self.price[j], -self.size[j], j))
+        return best[2]
+
+
+class _Bin:
+    __slots__ = ("free", "items", "shape")
+
+    def __init__(self, shape: int, cap: _Vec) -> None:
+        self.shape = shape
+        self.free = list(cap)
+        self.items: list[int] = []
+
+
+def _pack(
+    items: Sequence[Demand], vecs: Sequence[_Vec], menu: _Menu, max_bins: int | None
+) -> list[_Bin]:
+    """Pack items (already in urgency order) into new bins; returns the bins, most urgent first.
+
+    Priorities are packed one after another, so the most urgent demands open the first bins
+    and a cap on the number of bins leaves out the least urgent. Within a priority, items go
+    in decreasing order of their largest normalised dimension, each into the open bin where it
+    leaves the least normalised room (best fit decreasing).
+    """
+    w = menu.w
+    bins: list[_Bin] = []
+    start = 0
+    n = len(items)
+    while start < n:
+        end = start
+        while end < n and items[end].priority == items[start].priority:
+            end += 1
+        level = sorted(
+            range(start, end),
+            key=lambda i: (-max(x * y for x, y in zip(vecs[i], w, strict=True)), i),
+        )
+        for i in level:
+            d = vecs[i]
+            dw = _dot(d, w)
+            best: tuple[float, int] | None = None
+            for b, bin_ in enumerate(bins):
+                if _fits(d, bin_.free):
+                    cand = (_dot(bin_.free, w) - dw, b)
+                    if best is None or cand < best:
+                        best = cand
+            if best is not None:
+                target = bins[best[1]]
+            elif max_bins is None or len(bins) < max_bins:
+                j = menu.opening(d)
+                if j is None:
+                    continue  # no shape can hold it: the scheduler settles such tasks
+                target = _Bin(j, menu.cap[j])
+                bins.append(target)
+            else:
+                continue
+            target.items.append(i)
+            target.free = [f - x for f, x in zip(target.free, d, strict=True)]
+        start = end
+    return bins
+
+
+def _finish(
+    bins: list[_Bin], items: Sequence[Demand], vecs: Sequence[_Vec], menu: _Menu
+) -> list[Bin]:
+    """Downsize each bin to the cheapest shape that holds its content, as public `Bin`s."""
+    out: list[Bin] = []
+    for b in bins:
+        used = tuple(sum(col) for col in zip(*(vecs[i] for i in b.items), strict=True))
+        j = menu.cheapest(used, b.shape)
+        out.append(
+            Bin(
+                shape=menu.shapes[j],
+                demand_ids=tuple(items[i].id for i in b.items),
+                used=_sum(items[i].resources for i in b.items),
+            )
+        )
+    return out
+
+
+def pack(
+    demands: Sequence[Demand], shapes: Sequence[AllocShape], *, max_bins: int | None = None
+) -> list[Bin]:
+    """Pack demands into new allocs of the shapes on offer, for the least total price.
+
+    Bins are opened in priority order (most urgent first); with `max_bins`, the least urgent
+    demands that would need more bins are left out. Demands no shape can hold are left out.
+    """
+    ordered = sorted(demands, key=_urgency)
+    space = _Space([*(d.resources for d in ordered), *(s.resources for s in shapes)])
+    menu = _Menu(shapes, space)
+    vecs = [space.vec(d.resources) for d in ordered]
+    return _finish(_pack(ordered, vecs, menu, max_bins), ordered, vecs, menu)
+
+
+def first_fit_decreasing(demands: Sequence[Demand], capacity: Resources) -> list[Bin]:
+    """The textbook baseline: by decreasing dominant share, each into the first bin it fits."""
+    space = _Space([*(d.resources for d in demands), capacity])
+    cap = space.vec(capacity)
+    w = _weights(cap)
+    shape = AllocShape(resources=capacity)
+    vecs = [space.vec(d.resources) for d in demands]
+    order = sorted(
+        range(len(demands)),
+        key=lambda i: (-max(x * y for x, y in zip(vecs[i], w, strict=True)), demands[i].id),
+    )
+    bins: list[_Bin] = []
+    for i in order:
+        d = vecs[i]
+        if not _fits(d, cap):
+            continue
+        for b in bins:
+            if _fits(d, b.free):
+                break
+        else:
+            b = _Bin(0, cap)
+            bins.append(b)
+        b.items.append(i)
+        b.free = [f - x for f, x in zip(b.free, d, strict=True)]
+    return [
+        Bin(
+            shape=shape,
+            demand_ids=tuple(demands[i].id for i in b.items),
+            used=_sum(demands[i].resources for i in b.items),
+        )
+        for b in bins
+    ]
+
+
+def lower_bound(demands: Sequence[Demand], capacity: Resources) -> int:
+    """The fewest allocs of `capacity` that could hold the demands: max over dimensions of
+    ceil(total demand / capacity), and at least 1 when there is any demand.
+
+    Raises:
+        ValueError: when the demands need a dimension the capacity lacks.
+    """
+    if not demands:
+        return 0
+    space = _Space([*(d.resources for d in demands), capacity])
+    cap = space.vec(capacity)
+    total = [0.0] * len(cap)
+    for d in demands:
+        for k, x in enumerate(space.vec(d.resources)):
+            total[k] += x
+    bound = 1
+    for need, have in zip(total, cap, strict=True):
+        if need <= _EPS:
+            continue
+        if have <= 0:
+            raise ValueError("the demands need a dimension that the capacity lacks")
+        bound = max(bound, math.ceil(need / have - _EPS))
+    return bound
+
+
+# -- plan --------------------------------------------------------------------------------------
+
+
+def plan(
+    unplaced: Sequence[Demand],
+    pending: Sequence[PendingRequest],
+    shapes: Sequence[AllocShape],
+    *,
+    min_alloc: Resources,
+    max_new: int,
+) -> Plan:
+    """Turn demands that fit on no live alloc into alloc requests.
+
+    Pending requests count at their full size: the demands are first virtually placed in them
+    (priority order, best fit), and a pending request that receives none is no longer needed.
+    The rest are packed into new bins of the shapes on offer (`pack`), at most `max_new`, the
+    most urgent first. Each request asks for its bin's content, raised to `min_alloc` and
+    clipped to the bin's shape, so that it is never more than some shape can give.
+
+    Args:
+        unplaced: the waiting demands that fit on no live alloc now.
+        pending: the alloc requests made and not yet granted.
+        shapes: the allocs the cluster offers.
+        min_alloc: the least a request asks for in every dimension (clipped to the shape).
+        max_new: how many new requests may be made now.
+    """
+    ordered = sorted(unplaced, key=_urgency)
+    full = [p.requirements.full for p in pending]
+    space = _Space(
+        [*(d.resources for d in ordered), *full, *(s.resources for s in shapes), min_alloc]
+    )
+    vecs = [space.vec(d.resources) for d in ordered]
+    covered: list[str] = []
+
+    # 1. Pending requests at their full size.
+    room = [list(space.vec(r)) for r in full]
+    weights = [_weights(space.vec(r)) for r in full]
+    used = [False] * len(pending)
+    rest: list[int] = []
+    failed: set[_Vec] = set()
+    for i, d in enumerate(vecs):
+        best: tuple[float, str, int] | None = None
+        if d not in failed:
+            for j, free in enumerate(room):
+                if _fits(d, free):
+                    cand = (_dot(weights[j], free) - _dot(weights[j], d), pending[j].id, j)
+                    if best is None or cand < best:
+                        best = cand
+        if best is None:
+            failed.add(d)
+            rest.append(i)
+            continue
+        j = best[2]
+        room[j] = [f - x for f, x in zip(room[j], d, strict=True)]
+        used[j] = True
+        covered.append(ordered[i].id)
+    cancel = [p.id for p, u in zip(pending, used, strict=True) if not u]
+
+    # 2. New bins for the rest.
+    requests: list[Requirements] = []
+    if max_new > 0 and rest and shapes:
+        menu = _Menu(shapes, space)
+        # Only as many demands as could fill max_new of the largest bins are considered: a bin
+        # holds items whose largest shares sum to at most the number of dimensions, and the
+        # others wait for the next call (bounded work per event).
+        budget = float(max_new * len(menu.w))
+        chosen: list[int] = []
+        for i in rest:
+            share = max((x * y for x, y in zip(vecs[i], menu.w, strict=True)), default=0.0)
+            if math.isinf(share) or menu.opening(vecs[i]) is None:
+                continue
+            chosen.append(i)
+            budget -= share
+            if budget < 0:
+                break
+        items = [ordered[i] for i in chosen]
+        item_vecs = [vecs[i] for i in chosen]
+        for b in _finish(_pack(items, item_vecs, menu, max_new), items, item_vecs, menu):
+            request = b.used.max(min_alloc).min(b.shape.resources)
+            requests.append(Requirements(min=request))
+            covered.extend(b.demand_ids)
+    return Plan(requests=requests, cancel=cancel, covered=covered)

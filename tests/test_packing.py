@@ -1,0 +1,500 @@
+"""Tests of the packing policy: place(), plan() and the offline packer."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from packsched.packing import (
+    Demand,
+    PendingRequest,
+    Placement,
+    Room,
+    first_fit_decreasing,
+    lower_bound,
+    pack,
+    place,
+    plan,
+)
+from packsched.resources import AllocShape, GiB, Requirements, Resources
+
+MIN_ALLOC = Resources(cpu=1, mem=1 * GiB, disk=1 * GiB)
+EPS = 1e-6
+
+
+def res(cpu: float = 0, mem: float = 0, disk: float = 0, gpu: int = 0, **extra: float) -> Resources:
+    """Resources with mem and disk in GiB, for short tests."""
+    return Resources(cpu=cpu, mem=int(mem * GiB), disk=int(disk * GiB), gpu=gpu, extra=extra)
+
+
+def room(rid: str, capacity: Resources, free: Resources | None = None, **kw: float) -> Room:
+    return Room(id=rid, capacity=capacity, free=capacity if free is None else free, **kw)
+
+
+def total(items: Sequence[Resources]) -> Resources:
+    out = Resources()
+    for r in items:
+        out = out + r
+    return out
+
+
+def fits(a: Resources, b: Resources) -> bool:
+    """a fits in b, with a tolerance for float sums."""
+    return a.fits_in(b + Resources(cpu=EPS, extra=dict.fromkeys(a.extra, EPS)))
+
+
+# -- strategies --------------------------------------------------------------------------------
+
+amounts = st.sampled_from([0, 0.5, 1, 2, 3, 4, 8])
+
+
+@st.composite
+def resources(draw: st.DrawFn, scale: int = 1) -> Resources:
+    extra = {"lic": float(draw(st.integers(0, 2)))} if draw(st.booleans()) else {}
+    return Resources(
+        cpu=draw(amounts) * scale,
+        mem=int(draw(amounts) * scale * GiB),
+        disk=int(draw(amounts) * scale * GiB),
+        gpu=draw(st.sampled_from([0, 0, 0, 1, 2])) * scale,
+        extra={k: v for k, v in extra.items() if v},
+    )
+
+
+@st.composite
+def demands(draw: st.DrawFn, max_size: int = 25) -> list[Demand]:
+    n = draw(st.integers(0, max_size))
+    out = []
+    for i in range(n):
+        out.append(
+            Demand(
+                id=f"d{i:03}",
+                resources=draw(resources()),
+                priority=draw(st.integers(0, 2)),
+                order=draw(st.integers(-3, 30)),
+                expected_duration=draw(st.sampled_from([None, 10.0, 60.0, 600.0])),
+            )
+        )
+    return out
+
+
+@st.composite
+def rooms(draw: st.DrawFn) -> list[Room]:
+    n = draw(st.integers(0, 6))
+    out = []
+    for i in range(n):
+        cap = draw(resources(scale=4))
+        used = draw(resources())
+        out.append(
+            Room(
+                id=f"r{i}",
+                capacity=cap,
+                free=cap - used,
+                expected_free_at=draw(st.sampled_from([None, 5.0, 60.0, 700.0])),
+            )
+        )
+    return out
+
+
+shapes_menus = st.lists(
+    st.builds(
+        AllocShape,
+        resources=resources(scale=4),
+        price=st.one_of(st.none(), st.floats(0.5, 20)),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+# -- place: properties -------------------------------------------------------------------------
+
+
+def key(d: Demand) -> tuple[int, int, str]:
+    """Queue order: priority, then order, then id."""
+    return (d.priority, d.order, d.id)
+
+
+def check_placement(ds: list[Demand], rs: list[Room], p: Placement) -> None:
+    """Every invariant place() promises, replayed decision by decision."""
+    by_id = {d.id: d for d in ds}
+    placed = [d for d, _ in p.assignments]
+    assert len(set(placed)) == len(placed), "a demand placed twice"
+    assert sorted(placed + [d.id for d in p.unplaced]) == sorted(by_id)
+    assert p.unplaced == sorted(p.unplaced, key=key)
+    assert [by_id[d] for d in placed] == sorted((by_id[d] for d in placed), key=key)
+    free = {r.id: r.free for r in rs}
+    for did, rid in p.assignments:
+        d = by_id[did]
+        assert fits(d.resources, free[rid]), f"{did} does not fit {rid}"
+        # No unplaced demand ahead of this one could have used this room now.
+        for u in p.unplaced:
+            if key(u) < key(d):
+                assert not u.resources.fits_in(free[rid])
+        free[rid] = free[rid] - d.resources
+    for r in rs:
+        used = total([by_id[d].resources for d, rid in p.assignments if rid == r.id])
+        assert fits(used, r.free), f"room {r.id} oversubscribed"
+    for rid, did in p.reserved.items():
+        holder = by_id[did]
+        assert holder in p.unplaced
+        assert holder.resources.fits_in(next(r.capacity for r in rs if r.id == rid))
+        for did, where in p.assignments:
+            if where == rid:
+                assert key(by_id[did]) < key(holder), "a later demand took a reserved room"
+
+
+@settings(max_examples=150, deadline=None)
+@given(demands(), rooms(), st.booleans())
+def test_place_invariants(ds: list[Demand], rs: list[Room], can_grow: bool) -> None:
+    """Placements fit, never oversubscribe, respect priority and reservations, each demand once."""
+    p = place(ds, rs, can_grow=can_grow)
+    check_placement(ds, rs, p)
+    if can_grow:
+        assert p.reserved == {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(demands(), rooms(), st.booleans(), st.randoms(use_true_random=False))
+def test_place_is_deterministic(
+    ds: list[Demand], rs: list[Room], can_grow: bool, rnd: random.Random
+) -> None:
+    """The same demands and rooms, in any order, give the same placement."""
+    first = place(ds, rs, can_grow=can_grow)
+    ds2, rs2 = list(ds), list(rs)
+    rnd.shuffle(ds2)
+    rnd.shuffle(rs2)
+    assert place(ds2, rs2, can_grow=can_grow) == first
+
+
+@settings(max_examples=100, deadline=None)
+@given(demands(), rooms())
+def test_place_is_best_fit(ds: list[Demand], rs: list[Room]) -> None:
+    """Without durations, each demand goes where it leaves the least normalised slack."""
+    ds = [Demand(id=d.id, resources=d.resources, priority=d.priority, order=d.order) for d in ds]
+    p = place(ds, rs)
+    by_id = {d.id: d for d in ds}
+    free = {r.id: r.free for r in rs}
+    caps = {r.id: r.capacity for r in rs}
+
+    def slack_after(rid: str, d: Resources) -> float:
+        return sum(min(v, 1e18) for v in (free[rid] - d).shares(caps[rid]).values())
+
+    for did, rid in p.assignments:
+        d = by_id[did].resources
+        mine = slack_after(rid, d)
+        for other in free:
+            if d.fits_in(free[other]):
+                assert mine <= slack_after(other, d) + 1e-6
+        free[rid] = free[rid] - d
+
+
+@settings(max_examples=60, deadline=None)
+@given(demands(), rooms())
+def test_place_without_rooms_places_nothing(ds: list[Demand], rs: list[Room]) -> None:
+    """With no room at all, every demand is unplaced, in order."""
+    p = place(ds, [])
+    assert p.assignments == []
+    assert p.unplaced == sorted(ds, key=key)
+
+
+# -- place: examples ---------------------------------------------------------------------------
+
+
+def test_no_head_of_line_blocking() -> None:
+    """A demand that fits nowhere does not stop the smaller ones behind it."""
+    big = Demand(id="big", resources=res(cpu=16), order=0)
+    small = Demand(id="small", resources=res(cpu=1), order=1)
+    p = place([big, small], [room("a", res(cpu=4, mem=4))])
+    assert p.assignments == [("small", "a")]
+    assert p.unplaced == [big]
+    assert p.reserved == {}
+
+
+def test_priority_goes_first() -> None:
+    """A higher-priority demand gets the only room even if submitted later."""
+    low = Demand(id="low", resources=res(cpu=3), priority=5, order=0)
+    high = Demand(id="high", resources=res(cpu=3), priority=0, order=9)
+    p = place([low, high], [room("a", res(cpu=4))])
+    assert p.assignments == [("high", "a")]
+    assert p.unplaced == [low]
+
+
+def test_lost_task_with_negative_order_goes_first() -> None:
+    """A rescheduled lost task (negative order) is placed before the others of its priority."""
+    new = Demand(id="new", resources=res(cpu=2), order=0)
+    lost = Demand(id="lost", resources=res(cpu=2), order=-1)
+    p = place([new, lost], [room("a", res(cpu=2))])
+    assert p.assignments == [("lost", "a")]
+
+
+def test_best_fit_prefers_fuller_alloc() -> None:
+    """A demand goes on the alloc it fills best, leaving the emptier one to drain."""
+    rs = [
+        room("empty", res(cpu=8, mem=8), res(cpu=8, mem=8)),
+        room("busy", res(cpu=8, mem=8), res(cpu=2, mem=2)),
+    ]
+    p = place([Demand(id="t", resources=res(cpu=2, mem=2))], rs)
+    assert p.assignments == [("t", "busy")]
+
+
+def test_disk_and_gpu_count() -> None:
+    """Disk and GPU are fitted like cpu and mem; cpu-only tasks stay off GPU allocs."""
+    rs = [
+        room("gpu", res(cpu=8, mem=8, disk=10, gpu=1)),
+        room("cpu", res(cpu=8, mem=8, disk=1)),
+    ]
+    ds = [
+        Demand(id="diskful", resources=res(cpu=1, mem=1, disk=5), order=0),
+        Demand(id="plain", resources=res(cpu=1, mem=1), order=1),
+        Demand(id="gpu-task", resources=res(cpu=1, gpu=1), order=2),
+    ]
+    p = place(ds, rs)
+    assert dict(p.assignments) == {"diskful": "gpu", "plain": "cpu", "gpu-task": "gpu"}
+
+
+def test_extras_must_fit() -> None:
+    """A demand for a named extra resource only goes where that resource is free."""
+    rs = [room("a", res(cpu=4)), room("b", res(cpu=4, lic=1))]
+    p = place([Demand(id="t", resources=res(cpu=1, lic=1))], rs)
+    assert p.assignments == [("t", "b")]
+
+
+def test_no_reservation_when_cluster_can_grow() -> None:
+    """With room to grow, a big waiting demand does not hold back small ones."""
+    rs = [room("a", res(cpu=8), res(cpu=4))]
+    ds = [
+        Demand(id="big", resources=res(cpu=6), order=0),
+        Demand(id="s", resources=res(cpu=1), order=1),
+    ]
+    p = place(ds, rs, can_grow=True)
+    assert p.assignments == [("s", "a")]
+    assert p.reserved == {}
+
+
+def test_reservation_when_cluster_cannot_grow() -> None:
+    """When the cluster cannot grow, a big demand holds the emptiest room it could ever fit."""
+    rs = [
+        room("a", res(cpu=8), res(cpu=4)),
+        room("b", res(cpu=8), res(cpu=2)),
+        room("c", res(cpu=4), res(cpu=4)),
+    ]
+    ds = [
+        Demand(id="big", resources=res(cpu=6), priority=0),
+        Demand(id="small1", resources=res(cpu=1), priority=1, order=0),
+        Demand(id="small2", resources=res(cpu=1), priority=1, order=1),
+    ]
+    p = place(ds, rs, can_grow=False)
+    assert p.reserved == {"a": "big"}
+    assert all(r != "a" for _, r in p.assignments)
+    assert [d for d, _ in p.assignments] == ["small1", "small2"]
+
+
+def test_reservation_is_skipped_when_no_capacity_fits() -> None:
+    """A demand no room could ever hold reserves nothing."""
+    p = place([Demand(id="huge", resources=res(cpu=64))], [room("a", res(cpu=8))], can_grow=False)
+    assert p.reserved == {}
+    assert [d.id for d in p.unplaced] == ["huge"]
+
+
+def test_tasks_that_end_together_share_an_alloc() -> None:
+    """Among near-equal fits, a task joins the alloc whose tasks end closest to its own end."""
+    rs = [
+        room("short", res(cpu=8), res(cpu=4), expected_free_at=10.0),
+        room("long", res(cpu=8), res(cpu=4), expected_free_at=3600.0),
+    ]
+    long_task = Demand(id="l", resources=res(cpu=1), expected_duration=3000.0)
+    assert place([long_task], rs).assignments == [("l", "long")]
+    short_task = Demand(id="s", resources=res(cpu=1), expected_duration=20.0)
+    assert place([short_task], rs).assignments == [("s", "short")]
+    unknown = Demand(id="u", resources=res(cpu=1))
+    assert place([unknown], rs).assignments == [("u", "long")]  # tie: the smaller room id
+
+
+def test_many_identical_demands_fill_rooms_in_turn() -> None:
+    """A batch of identical tasks fills the fullest room first and never oversubscribes."""
+    rs = [room(f"r{i}", res(cpu=4, mem=4), res(cpu=4 - i, mem=4 - i)) for i in range(4)]
+    ds = [Demand(id=f"t{i:02}", resources=res(cpu=1, mem=1), order=i) for i in range(12)]
+    p = place(ds, rs)
+    check_placement(ds, rs, p)
+    assert len(p.assignments) == 10  # 4 + 3 + 2 + 1 free cores
+    assert [r for _, r in p.assignments[:1]] == ["r3"]
+
+
+# -- plan --------------------------------------------------------------------------------------
+
+
+def test_pending_request_counts_at_full_size() -> None:
+    """Four small tasks and one pending request big enough for all of them: no new request."""
+    ds = [Demand(id=f"t{i}", resources=res(cpu=1, mem=1), order=i) for i in range(4)]
+    pending = [PendingRequest(id="p1", requirements=Requirements(min=res(cpu=1, mem=1), width=3))]
+    shapes = [AllocShape(resources=res(cpu=16, mem=64, disk=100))]
+    out = plan(ds, pending, shapes, min_alloc=MIN_ALLOC, max_new=5)
+    assert out.requests == []
+    assert out.cancel == []
+    assert sorted(out.covered) == ["t0", "t1", "t2", "t3"]
+
+
+def test_unneeded_pending_request_is_cancelled() -> None:
+    """A pending request no waiting demand fits in any more is returned for cancelling."""
+    ds = [Demand(id="t", resources=res(cpu=2, mem=2))]
+    pending = [
+        PendingRequest(id="big", requirements=Requirements(min=res(cpu=4, mem=4))),
+        PendingRequest(id="spare", requirements=Requirements(min=res(cpu=4, mem=4))),
+    ]
+    out = plan(
+        ds, pending, [AllocShape(resources=res(cpu=8, mem=8))], min_alloc=MIN_ALLOC, max_new=5
+    )
+    assert out.cancel == ["spare"]
+    assert out.requests == []
+    assert out.covered == ["t"]
+    assert plan([], pending, [], min_alloc=MIN_ALLOC, max_new=5).cancel == ["big", "spare"]
+
+
+def test_mixed_shapes_are_never_merged_into_an_impossible_request() -> None:
+    """A 64-cpu/1GiB and a 1-cpu/256GiB task get two requests that a 64/256 alloc satisfies."""
+    ds = [
+        Demand(id="wide", resources=res(cpu=64, mem=1), order=0),
+        Demand(id="tall", resources=res(cpu=1, mem=256), order=1),
+    ]
+    shape = AllocShape(resources=res(cpu=64, mem=256, disk=100))
+    out = plan(ds, [], [shape], min_alloc=MIN_ALLOC, max_new=5)
+    assert len(out.requests) == 2
+    assert all(r.min.fits_in(shape.resources) for r in out.requests)
+    assert sorted(out.covered) == ["tall", "wide"]
+    # With a 65-cpu shape on offer they can share one alloc.
+    bigger = AllocShape(resources=res(cpu=65, mem=257, disk=100))
+    out = plan(ds, [], [bigger], min_alloc=MIN_ALLOC, max_new=5)
+    assert len(out.requests) == 1
+    assert out.requests[0].min.cpu == 65
+
+
+def test_min_alloc_is_raised_to_and_clipped_to_the_shape() -> None:
+    """Requests are at least min_alloc, but never more than the shape can give."""
+    ds = [Demand(id="t", resources=res(cpu=0.5, mem=0.25))]
+    roomy = AllocShape(resources=res(cpu=8, mem=32, disk=100))
+    [req] = plan(ds, [], [roomy], min_alloc=MIN_ALLOC, max_new=1).requests
+    assert req.min == res(cpu=1, mem=1, disk=1)
+    assert req.width == 0
+    tiny = AllocShape(resources=res(cpu=0.5, mem=0.5))  # no disk, less cpu than min_alloc
+    [req] = plan(ds, [], [tiny], min_alloc=MIN_ALLOC, max_new=1).requests
+    assert req.min == res(cpu=0.5, mem=0.5)
+    assert req.min.fits_in(tiny.resources)
+
+
+def test_max_new_is_respected_and_most_urgent_go_first() -> None:
+    """At most max_new requests, and the most urgent demands are the ones covered."""
+    ds = [
+        Demand(id=f"t{i}", resources=res(cpu=4, mem=4), priority=2 - i % 3, order=i)
+        for i in range(9)
+    ]
+    shapes = [AllocShape(resources=res(cpu=4, mem=4, disk=10))]
+    out = plan(ds, [], shapes, min_alloc=MIN_ALLOC, max_new=2)
+    assert len(out.requests) == 2
+    assert out.covered == ["t2", "t5"]  # priority 0, in order
+    assert plan(ds, [], shapes, min_alloc=MIN_ALLOC, max_new=0).requests == []
+
+
+def test_plan_downsizes_to_the_cheapest_shape() -> None:
+    """A small leftover bin asks for the small shape's worth, not the large one's."""
+    small = AllocShape(resources=res(cpu=4, mem=16), price=1.0, name="small")
+    large = AllocShape(resources=res(cpu=32, mem=128), price=6.0, name="large")
+    ds = [Demand(id=f"t{i:02}", resources=res(cpu=2, mem=4), order=i) for i in range(17)]
+    bins = pack(ds, [small, large])
+    assert [b.shape.name for b in bins] == ["large", "small"]
+    out = plan(ds, [], [small, large], min_alloc=MIN_ALLOC, max_new=5)
+    assert [r.min for r in out.requests] == [res(cpu=32, mem=64), res(cpu=2, mem=4)]
+    assert len(out.covered) == 17
+
+
+def test_demands_no_shape_holds_are_left_out() -> None:
+    """A demand that no shape can hold gets no request (the scheduler settles it)."""
+    ds = [Demand(id="huge", resources=res(cpu=128)), Demand(id="ok", resources=res(cpu=1))]
+    out = plan(ds, [], [AllocShape(resources=res(cpu=8, mem=8))], min_alloc=MIN_ALLOC, max_new=5)
+    assert out.covered == ["ok"]
+    assert len(out.requests) == 1
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    demands(),
+    st.lists(st.builds(Requirements, min=resources(), width=st.integers(0, 2)), max_size=3),
+    shapes_menus,
+    st.integers(0, 4),
+)
+def test_plan_invariants(
+    ds: list[Demand], pending_reqs: list[Requirements], shapes: list[AllocShape], max_new: int
+) -> None:
+    """Requests fit some shape, are at most max_new, cover each demand once, cancel only unused."""
+    pending = [PendingRequest(id=f"p{i}", requirements=r) for i, r in enumerate(pending_reqs)]
+    out = plan(ds, pending, shapes, min_alloc=MIN_ALLOC, max_new=max_new)
+    assert len(out.requests) <= max_new
+    for r in out.requests:
+        assert any(r.min.fits_in(s.resources) for s in shapes)
+        assert r.width == 0
+    assert len(set(out.covered)) == len(out.covered)
+    assert set(out.covered) <= {d.id for d in ds}
+    assert set(out.cancel) <= {p.id for p in pending}
+    # A demand that fits a cancelled request's full size would have been put there.
+    for p in pending:
+        if p.id in out.cancel:
+            for d in ds:
+                assert not d.resources.fits_in(p.requirements.full) or d.id in out.covered
+    assert plan(ds, pending, shapes, min_alloc=MIN_ALLOC, max_new=max_new) == out
+
+
+# -- the offline packer ------------------------------------------------------------------------
+
+
+@settings(max_examples=120, deadline=None)
+@given(demands(max_size=40), shapes_menus, st.one_of(st.none(), st.integers(0, 5)))
+def test_pack_invariants(ds: list[Demand], shapes: list[AllocShape], max_bins: int | None) -> None:
+    """Every bin holds its content, each demand is packed at most once, all of them if allowed."""
+    bins = pack(ds, shapes, max_bins=max_bins)
+    by_id = {d.id: d for d in ds}
+    ids = [i for b in bins for i in b.demand_ids]
+    assert len(ids) == len(set(ids))
+    for b in bins:
+        assert b.demand_ids
+        assert b.used == total([by_id[i].resources for i in b.demand_ids])
+        assert fits(b.used, b.shape.resources)
+    if max_bins is not None:
+        assert len(bins) <= max_bins
+    else:
+        packable = {d.id for d in ds if any(d.resources.fits_in(s.resources) for s in shapes)}
+        assert set(ids) == packable
+    assert pack(list(reversed(ds)), shapes, max_bins=max_bins) == bins
+
+
+@settings(max_examples=80, deadline=None)
+@given(demands(max_size=40))
+def test_pack_against_bounds(ds: list[Demand]) -> None:
+    """With one shape, no packer beats the lower bound, and both pack everything."""
+    cap = res(cpu=16, mem=32, disk=32, gpu=8, lic=4)
+    shape = AllocShape(resources=cap)
+    ours = pack(ds, [shape])
+    ffd = first_fit_decreasing(ds, cap)
+    bound = lower_bound(ds, cap)
+    assert len(ours) >= bound
+    assert len(ffd) >= bound
+    assert sorted(i for b in ffd for i in b.demand_ids) == sorted(d.id for d in ds)
+    assert all(fits(b.used, cap) for b in ffd)
+
+
+def test_lower_bound() -> None:
+    """The bound is the max over dimensions of ceil(total / capacity)."""
+    ds = [Demand(id=str(i), resources=res(cpu=3, mem=1)) for i in range(5)]
+    assert lower_bound(ds, res(cpu=4, mem=4)) == 4
+    assert lower_bound([], res(cpu=4)) == 0
+    assert lower_bound([Demand(id="z", resources=Resources())], res(cpu=4)) == 1
+
+
+def test_triplets_pack_no_worse_than_ffd() -> None:
+    """Items in triplets that exactly fill a bin: never more bins than first-fit-decreasing."""
+    sizes = [50, 25, 25, 40, 30, 30, 45, 35, 20, 60, 21, 19]
+    ds = [Demand(id=f"i{k:02}", resources=res(cpu=s)) for k, s in enumerate(sizes)]
+    bins = pack(ds, [AllocShape(resources=res(cpu=100))])
+    assert lower_bound(ds, res(cpu=100)) == 4
+    assert len(bins) <= len(first_fit_decreasing(ds, res(cpu=100)))
