@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 
 from packsched import (
@@ -334,3 +335,18 @@ async def test_leaving_kills_running_and_frees_allocs(cluster: ManualCluster) ->
         await alloc.wait_running(1)
     assert alloc.freed and alloc.task_ids == []
     assert sched.get(t.id).state is S.WAITING and sched.get(t.id).lost_count == 0
+
+
+async def test_error_left_alone_ages_out_to_failed(cluster: ManualCluster) -> None:
+    """An ERROR task nobody retries becomes FAILED after error_max_age, keeping its error code."""
+    config = msgspec.structs.replace(FAST, error_max_age=0.05)
+    async with Scheduler(cluster, config=config) as sched:
+        [t] = await sched.submit(spec())
+        alloc = (await cluster.next_request()).grant()
+        await alloc.wait_running(1)
+        alloc.complete(t.id, exit_code=2)
+        assert (await sched.wait(t.id)).state is S.ERROR
+        await wait_until(lambda: sched.get(t.id).state is S.FAILED)
+        failed = sched.get(t.id)
+        assert error_codes(failed) == ["exit-status"]
+        assert failed.error is not None and "given up" in failed.error.message

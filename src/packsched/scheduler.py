@@ -72,7 +72,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         allocate_timeout: an allocation that takes longer than this has failed (None: no limit).
         alloc_retry_initial / alloc_retry_max: backoff after a failed allocation, doubling.
         free_timeout: how long freeing one alloc may take before it is abandoned.
-        error_max_age: an ERROR task left alone this long becomes FAILED (None: never).
+        error_max_age: an ERROR task left alone this long becomes FAILED (None: never); the
+            first error's code is kept and the message says it aged out.
         keep_dead_allocs: how many dead or freed allocs the stats snapshot still shows.
     """
 
@@ -227,6 +228,8 @@ class Scheduler:
             self._tg.start_soon(self._committer)
             await self._resume()
             self._tg.start_soon(self._main_loop)
+            if self.config.error_max_age is not None:
+                self._tg.start_soon(self._age_errors, self.config.error_max_age)
         except BaseException:
             await stack.__aexit__(None, None, None)
             raise
@@ -1111,6 +1114,26 @@ class Scheduler:
         del self._gone_allocs[: max(0, len(self._gone_allocs) - self.config.keep_dead_allocs)]
         self._record_alloc(a)
         self._wake()
+
+    async def _age_errors(self, max_age: float) -> None:
+        """Give up on ERROR tasks nobody retried or killed within `max_age` seconds."""
+        period = min(max(max_age / 4, 0.01), 60.0)
+        while True:
+            await self.clock.sleep(period)
+            for task_id in await self.store.error_tasks_older_than(self.clock.now() - max_age):
+                entry = self._tasks.get(task_id)
+                if entry is None or entry.task.state is not S.ERROR:
+                    continue
+                previous = entry.task.error
+                message = (
+                    f"left in ERROR for more than {max_age:g}s without a retry, so it was given "
+                    f"up on; the last error was: "
+                    f"{previous.message if previous else 'unknown'}"
+                )
+                code = previous.code if previous else "exit-status"
+                self._transition(
+                    entry, S.FAILED, action="age out", result=_error_result(code, message)
+                )
 
     # -- resume ------------------------------------------------------------------------------
 
