@@ -1,0 +1,254 @@
+"""`packsched serve`: build the cluster, store and scheduler from a `DaemonConfig`, serve the
+API, and drain cleanly on SIGTERM / SIGINT.
+
+Draining: submits get 503 and `/readyz` fails at once, nothing new is started, the daemon
+waits up to `server.drain_grace` seconds for what runs to finish, then stops. Tasks still
+running then go back to the queue, and the next start (same store) runs them again. A second
+signal stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import uvicorn
+from starlette.types import ASGIApp
+
+from ..cluster.base import Cluster
+from ..config import ConfigError, DaemonConfig, LocalClusterConfig
+from ..errors import InvalidSpecError
+from ..log import get_logger
+from ..resources import Resources, parse_bytes, parse_cpu
+from ..scheduler import Scheduler
+from ..store.base import Store
+from .server import ApiServer
+
+__all__ = ["build_cluster", "build_store", "resolve_token", "serve"]
+
+log = get_logger("packsched.daemon")
+
+
+def resolve_token(config: DaemonConfig) -> tuple[str, Path | None]:
+    """The bearer token and the file it came from (None when given directly).
+
+    Order: `server.token`, then `server.token_file`, then `<state_dir>/token`, which is created
+    with a fresh random token (mode 0600) when missing.
+
+    Raises:
+        ConfigError: the token file cannot be read or is empty.
+    """
+    server = config.server
+    if server.token:
+        return server.token, None
+    if server.token_file:
+        path = Path(server.token_file).expanduser()
+        return _read_token(path, "server.token_file"), path
+    path = config.resolved_state_dir() / "token"
+    try:
+        # O_EXCL: two daemons starting at once never overwrite each other's token.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_token(path, "token file"), path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    log.info("generated a bearer token", path=str(path))
+    return _read_token(path, "token file"), path
+
+
+def _read_token(path: Path, what: str) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"{what}: {path} is empty")
+    if path.stat().st_mode & 0o077:
+        log.warning("token file is readable by others; chmod 600 it", path=str(path))
+    return token
+
+
+def build_store(config: DaemonConfig) -> Store:
+    """The store the config names (SQLite under the state directory by default)."""
+    if config.store.kind == "memory":
+        from ..store.memory import MemoryStore
+
+        return MemoryStore()
+    from ..store.sqlite import SQLiteStore
+
+    path = config.store_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SQLiteStore(path, durability=config.store.durability)
+
+
+def build_cluster(config: DaemonConfig) -> Cluster:
+    """The cluster the config names (this machine by default).
+
+    Raises:
+        ConfigError: a size in the cluster section is malformed.
+    """
+    cluster = config.cluster
+    if isinstance(cluster, LocalClusterConfig):
+        return _local_cluster(cluster)
+    from ..cluster.sim import SimCluster
+
+    shapes = [s.to_shape(f"cluster.shapes[{i}]") for i, s in enumerate(cluster.shapes)]
+    return SimCluster(
+        shapes,
+        startup_delay=cluster.startup_delay,
+        default_duration=cluster.default_duration,
+        max_allocs=cluster.max_allocs,
+    )
+
+
+def _local_cluster(cfg: LocalClusterConfig) -> Cluster:
+    from ..cluster.local import LocalCluster, count_gpus, default_reserve_mem, default_work_root
+    from ..stats.runtime import machine_capacity
+
+    def size(name: str, parse: Callable[..., Any]) -> Any:
+        value = getattr(cfg, name)
+        try:
+            return None if value is None else parse(value, field=f"cluster.{name}")
+        except InvalidSpecError as exc:
+            raise ConfigError(str(exc)) from None
+
+    reserve = size("reserve_mem", parse_bytes)
+    work_root = Path(cfg.work_root).expanduser() if cfg.work_root else default_work_root()
+    given = {
+        name: size(name, parse_cpu if name == "cpu" else parse_bytes)
+        for name in ("cpu", "mem", "disk")
+    }
+    capacity = None
+    if any(v is not None for v in given.values()) or cfg.gpu is not None:
+        # Some sizes given: measure only the others.
+        import psutil
+
+        if reserve is None:
+            reserve = default_reserve_mem(psutil.virtual_memory().total)
+        measured = machine_capacity(reserve_mem=reserve, disk_path=work_root)
+        capacity = Resources(
+            cpu=measured.cpu if given["cpu"] is None else given["cpu"],
+            mem=measured.mem if given["mem"] is None else given["mem"],
+            disk=measured.disk if given["disk"] is None else given["disk"],
+            gpu=count_gpus() if cfg.gpu is None else cfg.gpu,
+        )
+    return LocalCluster(
+        reserve_mem=reserve, work_root=work_root, capacity=capacity, executor=cfg.executor
+    )
+
+
+def _metrics_app(scheduler: Scheduler) -> ASGIApp | None:
+    try:
+        prometheus = importlib.import_module("packsched.stats.prometheus")
+    except ModuleNotFoundError:  # the collector is optional until its module lands
+        return None
+    app: ASGIApp = prometheus.metrics_app(scheduler.stats)
+    return app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the listening socket ourselves so that port 0 works and the real port is known."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: the daemon drains first, then stops it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(config: DaemonConfig) -> None:
+    """Run the daemon until SIGTERM / SIGINT, then drain and stop.
+
+    Raises:
+        ConfigError: the token cannot be resolved or the cluster options are bad.
+        OSError: the address cannot be bound.
+        StoreError: the store cannot be opened (corrupt, or in use by another daemon).
+    """
+    state_dir = config.resolved_state_dir()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token, token_path = resolve_token(config)
+    cluster = build_cluster(config)
+    store = build_store(config)
+    sock = _listen(config.server.host, config.server.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    try:
+        async with Scheduler(cluster, config=config.scheduler, store=store) as scheduler:
+            api = ApiServer(scheduler, config.server, token=token, metrics=_metrics_app(scheduler))
+            uv = _Uvicorn(
+                uvicorn.Config(
+                    api.app,
+                    lifespan="off",
+                    log_config=None,
+                    access_log=False,
+                    timeout_graceful_shutdown=5,
+                )
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_drain_on_signal, api, scheduler, uv, config.server.drain_grace)
+                log.info(
+                    "listening",
+                    url=url,
+                    token_file=str(token_path) if token_path else None,
+                    store=store.describe(),
+                    cluster=type(cluster).__name__,
+                    pid=os.getpid(),
+                )
+                await uv.serve(sockets=[sock])
+                tg.cancel_scope.cancel()
+            log.info("stopping", running=scheduler.running_count())
+    finally:
+        sock.close()
+        await cluster.aclose()
+    log.info("stopped")
+
+
+async def _drain_on_signal(
+    api: ApiServer, scheduler: Scheduler, uv: uvicorn.Server, grace: float
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        received = await anext(aiter(signals))
+        api.start_draining()
+        scheduler.stop_accepting()
+        log.info(
+            "draining",
+            signal=signal.Signals(received).name,
+            running=scheduler.running_count(),
+            grace=grace,
+        )
+        with anyio.move_on_after(grace):
+            async with anyio.create_task_group() as tg:
+
+                async def stop_on_second_signal() -> None:
+                    again = await anext(aiter(signals))
+                    log.warning("second signal: stopping now", signal=signal.Signals(again).name)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stop_on_second_signal)
+                # The scheduler has no event for "nothing runs"; a short poll is cheap here.
+                while scheduler.running_count() > 0:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+        api.stop()
+        uv.should_exit = True
