@@ -377,18 +377,15 @@ class Scheduler:
             return [e.visible for e in entries if e.visible.state in SETTLED]
 
         with anyio.move_on_after(timeout):
-            while True:
-                done = settled()
-                if (return_when == "all" and len(done) == len(entries)) or (
-                    return_when == "first" and done
-                ):
-                    return done
-                pending = next(e for e in entries if e.visible.state not in SETTLED)
-                if pending.changed is None:
-                    pending.changed = anyio.Event()
-                if return_when == "all":
-                    await pending.changed.wait()
-                else:
+            if return_when == "all":
+                # One pass in order: each entry is waited for once, so n ids cost O(n).
+                for entry in entries:
+                    while entry.visible.state not in SETTLED:
+                        if entry.changed is None:
+                            entry.changed = anyio.Event()
+                        await entry.changed.wait()
+            else:
+                while not any(e.visible.state in SETTLED for e in entries):
                     await self._committed.wait()
         return settled()
 
