@@ -523,12 +523,14 @@ class LocalAlloc(Alloc):
         *,
         env: Mapping[str, str] | None = None,
         on_free: Callable[[LocalAlloc], None] | None = None,
+        gpu_ids: list[int] | None = None,
     ) -> None:
         self.id = id
         self.resources = resources
         self.labels = dict(labels)
         self.executor = executor
         self.env = dict(env or {})
+        self.gpu_ids = list(gpu_ids or [])
         self._on_free = on_free
         self._freed = False
         self._running: dict[str, anyio.CancelScope] = {}
