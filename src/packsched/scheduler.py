@@ -191,6 +191,7 @@ class Scheduler:
         self._allocs: dict[str, _AllocEntry] = {}
         self._gone_allocs: list[_AllocEntry] = []
         self._requests: dict[str, _Request] = {}
+        self._to_launch: list[_TaskEntry] = []
         self._next_seq = 0
         self._next_order = 0
         self._next_head_order = -1
@@ -265,6 +266,7 @@ class Scheduler:
                     entry.scope.cancel()
         for request in list(self._requests.values()):
             request.scope.cancel()
+        self._launch(self._write_seq)  # placed but never started: their runners end at once
         with anyio.move_on_after(self.config.free_timeout + 5):
             while self._runners:
                 await self._runners_done.wait()
@@ -757,6 +759,7 @@ class Scheduler:
         self._durable_seq = seq
         self._committed.set()
         self._committed = anyio.Event()
+        self._launch(seq)
 
     async def _wait_durable(self, seq: int) -> None:
         while self._durable_seq < seq:
@@ -843,8 +846,22 @@ class Scheduler:
         entry.cancel_reason = None
         entry.scope = anyio.CancelScope()
         self._runners += 1
+        # The store must know the task was placed before it runs, so that a crash marks it
+        # lost instead of forgetting that an attempt began: the committer launches it.
+        self._to_launch.append(entry)
+
+    def _launch(self, durable_seq: int) -> None:
+        """Start the runners of placed tasks whose STAGING is now durable."""
+        if not self._to_launch:
+            return
         assert self._tg is not None
-        self._tg.start_soon(self._run, entry, alloc)
+        keep: list[_TaskEntry] = []
+        for entry in self._to_launch:
+            if entry.write_seq > durable_seq and entry.task.state is S.STAGING:
+                keep.append(entry)
+            elif entry.alloc is not None:
+                self._tg.start_soon(self._run, entry, entry.alloc)
+        self._to_launch = keep
 
     # -- running one attempt ---------------------------------------------------------------
 
@@ -865,9 +882,6 @@ class Scheduler:
         try:
             with scope:
                 if not attach:
-                    # The store must know the task was placed before it runs, so that a crash
-                    # marks it lost instead of forgetting that an attempt began.
-                    await self._wait_durable(entry.write_seq)
                     result = await alloc.alloc.run(entry.task, on_started)
                 else:
                     started = entry.task.state is S.RUNNING
