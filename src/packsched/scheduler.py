@@ -17,7 +17,7 @@ import math
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Self
+from typing import Literal, Protocol, Self
 
 import anyio
 import anyio.lowlevel
@@ -29,7 +29,7 @@ from . import packing
 from .clock import Clock
 from .cluster.base import Alloc, Cluster
 from .errors import InvalidSpecError, InvalidTransition, PackschedError, TaskNotFoundError
-from .resources import GiB, Requirements, Resources
+from .resources import AllocShape, GiB, Requirements, Resources
 from .stats.recorder import StatsRecorder
 from .stats.snapshot import AllocStats, StatsSnapshot, TaskStats
 from .store.base import AllocRecord, HistoryQuery, Store, StoreBatch
@@ -112,6 +112,31 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             raise ValueError("keep_dead_allocs must be >= 0")
 
 
+class PackingPolicy(Protocol):
+    """Where placement and alloc planning come from; the module `packsched.packing` is the default.
+
+    Benchmarks pass another policy (e.g. the reference design's) to compare in the same engine.
+    """
+
+    def place(
+        self,
+        demands: Sequence[packing.Demand],
+        rooms: Sequence[packing.Room],
+        *,
+        can_grow: bool = True,
+    ) -> packing.Placement: ...
+
+    def plan(
+        self,
+        unplaced: Sequence[packing.Demand],
+        pending: Sequence[packing.PendingRequest],
+        shapes: Sequence[AllocShape],
+        *,
+        min_alloc: Resources,
+        max_new: int,
+    ) -> packing.Plan: ...
+
+
 CancelReason = Literal["kill", "lost", "shutdown"]
 
 
@@ -174,6 +199,7 @@ class Scheduler:
         config: SchedulerConfig | None = None,
         store: Store | None = None,
         clock: Clock | None = None,
+        policy: PackingPolicy | None = None,
     ) -> None:
         from .store.memory import MemoryStore
 
@@ -181,6 +207,7 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.store: Store = store if store is not None else MemoryStore()
         self.clock = clock or Clock()
+        self._policy: PackingPolicy = policy if policy is not None else packing
         self._recorder = StatsRecorder()
         self._tasks: dict[str, _TaskEntry] = {}
         self._seqs: list[int] = []  # seq of every task in self._tasks, ascending (for paging)
@@ -808,7 +835,7 @@ class Scheduler:
         max_new = self.config.max_pending_allocs - len(self._requests) if can_request else 0
         demands = [_demand(e) for e in ready]
         if rooms and demands:
-            placement = packing.place(demands, rooms, can_grow=max_new > 0)
+            placement = self._policy.place(demands, rooms, can_grow=max_new > 0)
             for task_id, alloc_id in placement.assignments:
                 self._start(self._tasks[task_id], self._allocs[alloc_id])
             unplaced = placement.unplaced
@@ -822,7 +849,7 @@ class Scheduler:
         ]
         if not unplaced and not pending:
             return
-        plan = packing.plan(
+        plan = self._policy.plan(
             unplaced,
             pending,
             self.cluster.shapes(),
