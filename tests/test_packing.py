@@ -491,10 +491,19 @@ def test_lower_bound() -> None:
     assert lower_bound([Demand(id="z", resources=Resources())], res(cpu=4)) == 1
 
 
-def test_triplets_pack_no_worse_than_ffd() -> None:
-    """Items in triplets that exactly fill a bin: never more bins than first-fit-decreasing."""
+def test_triplets_pack_optimally() -> None:
+    """Items in triplets that exactly fill a bin pack into n/3 bins, where FFD needs more."""
     sizes = [50, 25, 25, 40, 30, 30, 45, 35, 20, 60, 21, 19]
     ds = [Demand(id=f"i{k:02}", resources=res(cpu=s)) for k, s in enumerate(sizes)]
     bins = pack(ds, [AllocShape(resources=res(cpu=100))])
-    assert lower_bound(ds, res(cpu=100)) == 4
-    assert len(bins) <= len(first_fit_decreasing(ds, res(cpu=100)))
+    assert len(bins) == lower_bound(ds, res(cpu=100)) == 4
+    assert len(first_fit_decreasing(ds, res(cpu=100))) == 5
+
+
+def test_anti_correlated_demands_pair_up() -> None:
+    """cpu-heavy and memory-heavy tasks share allocs instead of each filling one dimension."""
+    ds = [Demand(id=f"c{i}", resources=res(cpu=6, mem=2)) for i in range(4)]
+    ds += [Demand(id=f"m{i}", resources=res(cpu=2, mem=6)) for i in range(4)]
+    bins = pack(ds, [AllocShape(resources=res(cpu=8, mem=8))])
+    assert len(bins) == 4
+    assert all(sorted(i[0] for i in b.demand_ids) == ["c", "m"] for b in bins)

@@ -448,17 +448,89 @@ class _Bin:
         self.items: list[int] = []
 
 
+# How many candidate items one bin's subset search may examine. Enough to find the exact
+# fills of hard instances (triplets) and keep plan() within a few milliseconds per bin.
+_SEARCH_BUDGET = 3000
+
+
+def _fill(
+    free: Sequence[float],
+    pool: Sequence[int],
+    vecs: Sequence[_Vec],
+    size: Sequence[float],
+    w: _Vec,
+    budget: int = _SEARCH_BUDGET,
+) -> list[int]:
+    """The subset of `pool` that fills `free` with the least normalised slack left.
+
+    A depth-first search over the pool in its order (largest first): its first path is the
+    first-fit fill, and within `budget` examined items it looks for a better one, stopping at an
+    exact fill. Items identical to one just backed out of are skipped (same subsets again),
+    and a sorted sizes array skips items too large for what is left.
+    """
+    n = len(pool)
+    neg = [-size[i] for i in pool]  # ascending, so bisect finds the first item small enough
+    room = list(free)
+    slack = _dot(room, w)
+    best_slack = slack
+    best: list[int] = []
+    chosen: list[int] = []  # positions in pool
+    pos = 0
+    nodes = 0
+    while True:
+        pos = max(pos, bisect_left(neg, -slack - _EPS))
+        taken = False
+        while pos < n and nodes < budget:
+            nodes += 1
+            d = vecs[pool[pos]]
+            if _fits(d, room):
+                for k, x in enumerate(d):
+                    room[k] -= x
+                slack -= size[pool[pos]]
+                chosen.append(pos)
+                if slack < best_slack - _EPS:
+                    best_slack = slack
+                    best = list(chosen)
+                pos += 1
+                taken = True
+                break
+            pos += 1
+        if taken:
+            if best_slack <= _EPS:
+                break
+            continue
+        if not chosen or nodes >= budget:
+            break
+        last = chosen.pop()
+        d = vecs[pool[last]]
+        for k, x in enumerate(d):
+            room[k] += x
+        slack += size[pool[last]]
+        pos = last + 1
+        while pos < n and vecs[pool[pos]] == d:
+            pos += 1
+    return [pool[p] for p in best]
+
+
 def _pack(
     items: Sequence[Demand], vecs: Sequence[_Vec], menu: _Menu, max_bins: int | None
 ) -> list[_Bin]:
     """Pack items (already in urgency order) into new bins; returns the bins, most urgent first.
 
     Priorities are packed one after another, so the most urgent demands open the first bins
-    and a cap on the number of bins leaves out the least urgent. Within a priority, items go
-    in decreasing order of their largest normalised dimension, each into the open bin where it
-    leaves the least normalised room (best fit decreasing).
+    and a cap on the number of bins leaves out the least urgent; a priority's items first fill
+    what earlier bins left free. Within a priority the packer is bin-centric ("minimum bin
+    slack", Gupta and Ho): each new bin starts with the largest item left (by normalised size,
+    the sum of its shares of the largest capacity on offer in each dimension) and is filled
+    with the subset of the rest that leaves the least normalised slack, found by a bounded
+    search (`_fill`). Measured in bench/packing.py against best-fit-decreasing by largest
+    share, by L2 norm and by dot product, and bin-centric dot product: it used the fewest
+    allocs in every family (e.g. 1.01x the lower bound on uniform random demands where the
+    others need 1.02-1.04x, the optimum on anti-correlated ones where they need 1-6% more).
+    With several shapes, each candidate shape is filled and the one with the least price per
+    normalised size packed wins.
     """
-    w = menu.w
+    size = [_dot(v, menu.w) for v in vecs]
     bins: list[_Bin] = []
     start = 0
     n = len(items)
@@ -466,33 +538,45 @@ def _pack(
         end = start
         while end < n and items[end].priority == items[start].priority:
             end += 1
-        level = sorted(
-            range(start, end),
-            key=lambda i: (-max(x * y for x, y in zip(vecs[i], w, strict=True)), i),
+        pool = sorted(
+            (i for i in range(start, end) if menu.opening(vecs[i]) is not None),
+            key=lambda i: (-size[i], i),
         )
-        for i in level:
-            d = vecs[i]
-            dw = _dot(d, w)
-            best: tuple[float, int] | None = None
-            for b, bin_ in enumerate(bins):
-                if _fits(d, bin_.free):
-                    cand = (_dot(bin_.free, w) - dw, b)
-                    if best is None or cand < best:
-                        best = cand
-            if best is not None:
-                target = bins[best[1]]
-            elif max_bins is None or len(bins) < max_bins:
-                j = menu.opening(d)
-                if j is None:
-                    continue  # no shape can hold it: the scheduler settles such tasks
-                target = _Bin(j, menu.cap[j])
-                bins.append(target)
-            else:
-                continue
-            target.items.append(i)
-            target.free = [f - x for f, x in zip(target.free, d, strict=True)]
         start = end
+        for b in bins:
+            if not pool:
+                break
+            taken = _fill(b.free, pool, vecs, size, menu.w)
+            if taken:
+                _put(b, taken, vecs)
+                gone = set(taken)
+                pool = [i for i in pool if i not in gone]
+        while pool and (max_bins is None or len(bins) < max_bins):
+            first, rest = pool[0], pool[1:]
+            best: tuple[float, float, int, list[int]] | None = None
+            for j, cap in enumerate(menu.cap):
+                if not _fits(vecs[first], cap):
+                    continue
+                room = [c - x for c, x in zip(cap, vecs[first], strict=True)]
+                taken = _fill(room, rest, vecs, size, menu.w)
+                packed = size[first] + sum(size[i] for i in taken)
+                cost = menu.price[j] / packed if packed > 0 else menu.price[j]
+                cand = (cost, -menu.size[j], j, taken)
+                if best is None or cand[:3] < best[:3]:
+                    best = cand
+            assert best is not None  # the pool only holds items some shape can hold
+            bin_ = _Bin(best[2], menu.cap[best[2]])
+            _put(bin_, [first, *best[3]], vecs)
+            bins.append(bin_)
+            gone = set(best[3])
+            pool = [i for i in rest if i not in gone]
     return bins
+
+
+def _put(b: _Bin, taken: Sequence[int], vecs: Sequence[_Vec]) -> None:
+    for i in taken:
+        b.items.append(i)
+        b.free = [f - x for f, x in zip(b.free, vecs[i], strict=True)]
 
 
 def _finish(
