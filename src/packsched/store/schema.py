@@ -28,8 +28,11 @@ def _execute_all(conn: sqlite3.Connection, script: str) -> None:
 
 def _v1_initial(conn: sqlite3.Connection) -> None:
     """Tasks (latest snapshot), attempts (the history) and allocs, with the indexes the
-    store's queries use. Columns that never change after insert (seq, kind, run, key) cost
-    nothing on the per-step upserts, which only touch state, times and the blob."""
+    store's queries use and no others, since every index costs each per-step upsert.
+
+    Columns that never change after submit (seq, kind, run, key, labels) are there for
+    queries and for people reading the file with sqlite3; the upserts leave them alone.
+    """
     _execute_all(
         conn,
         """
@@ -46,8 +49,6 @@ def _v1_initial(conn: sqlite3.Connection) -> None:
             data BLOB NOT NULL
         );
         CREATE INDEX tasks_seq ON tasks (seq);
-        CREATE INDEX tasks_key ON tasks (key) WHERE key IS NOT NULL;
-        CREATE INDEX tasks_run ON tasks (run) WHERE run IS NOT NULL;
         CREATE INDEX tasks_error_age ON tasks (state_changed_at) WHERE state = 'error';
         CREATE INDEX tasks_settled ON tasks (settled_at) WHERE settled_at IS NOT NULL;
 

@@ -64,7 +64,6 @@ _UPSERT_TASK = """
     INSERT INTO tasks (id, seq, state, kind, run, key, labels, state_changed_at, settled_at, data)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (id) DO UPDATE SET
-        seq = excluded.seq,
         state = excluded.state,
         state_changed_at = excluded.state_changed_at,
         settled_at = excluded.settled_at,
