@@ -38,6 +38,7 @@ from ..resources import Resources, format_bytes
 from ..stats.runtime import (
     TreeSampler,
     find_processes,
+    own_peak_rss,
     sample_interval,
     start_statistics,
 )
@@ -93,6 +94,7 @@ class _Spawned:
         self.proc: subprocess.Popen[bytes] | None = None
         self.epoch = 0.0  # start time of the main process, on psutil's clock
         self.t0 = 0.0
+        self.spawner_peak = 0  # our own peak RSS, which the child's ru_maxrss starts from
 
 
 class LocalExecutor:
@@ -203,7 +205,11 @@ class LocalExecutor:
         maxrss = rusage.ru_maxrss * 1024 if rusage else 0  # Linux reports KiB
         await self._end_leftovers(spawned, sampler, marker)
         stats = sampler.finish(
-            duration=exited_at - spawned.t0, rusage_cpu=cpu, rusage_maxrss=maxrss, start=start
+            duration=exited_at - spawned.t0,
+            rusage_cpu=cpu,
+            rusage_maxrss=maxrss,
+            spawner_peak=spawned.spawner_peak,
+            start=start,
         )
         errors: list[TaskError] = []
         keep = self.config.keep_work_dirs != "never"
@@ -343,6 +349,7 @@ def _spawn(
         # time is whole seconds), so descendants are compared with the main process's own.
         with contextlib.suppress(psutil.Error):
             spawned.epoch = psutil.Process(spawned.proc.pid).create_time()
+        spawned.spawner_peak = own_peak_rss()
 
 
 def _sample(sampler: TreeSampler) -> None:

@@ -4,9 +4,12 @@
 executor calls them from a worker thread and never on the event loop. Peaks are kept across
 samples, and three floors make up for what sampling between two ticks can miss:
 
-- memory: the tree's summed RSS is sampled; the kernel's own peak RSS of the main process and
-  of every descendant it waited for (`ru_maxrss` from `wait4`) is a floor, so a child that
-  touched 200 MiB and exited between two samples is still counted;
+- memory: the tree's summed RSS is sampled. Two floors come from the kernel: each sampled
+  process's own peak (`VmHWM`), and the peak of the main process and every descendant it
+  waited for (`ru_maxrss` from `wait4`), so a child that touched 200 MiB and exited between two
+  samples is still counted. `ru_maxrss` starts from the RSS of the process that forked the
+  command (the daemon: the kernel carries it over `exec`), so it is used only when it exceeds
+  the daemon's own peak RSS at spawn; below that it says nothing about the command;
 - cpu time: user + system of the main process including its waited-for children (`cpu_times()`
   children fields while it runs, `wait4`'s rusage at the end) plus the own times of every live
   descendant, so short-lived children are not lost;
@@ -31,6 +34,7 @@ __all__ = [
     "directory_size",
     "find_processes",
     "machine_capacity",
+    "own_peak_rss",
     "sample_interval",
     "start_statistics",
 ]
@@ -103,6 +107,7 @@ class TreeSampler:
         self.peak_memory = 0
         self.peak_cpu_time = 0.0
         self.peak_disk = 0
+        self.peak_process = 0  # the largest single-process peak (VmHWM) seen
         self.samples = 0
         self._root: psutil.Process | None
         try:
@@ -122,7 +127,7 @@ class TreeSampler:
                 with root.oneshot():
                     t = root.cpu_times()
                     cpu += t.user + t.system + t.children_user + t.children_system
-                    rss += root.memory_info().rss
+                    rss += self._rss(root)
                 for child in root.children(recursive=True):
                     self._known.setdefault(child.pid, child)
             except psutil.Error:
@@ -135,13 +140,22 @@ class TreeSampler:
                         continue
                     t = proc.cpu_times()
                     cpu += t.user + t.system
-                    rss += proc.memory_info().rss
+                    rss += self._rss(proc)
             except psutil.Error:
                 self._known.pop(pid, None)
         self.peak_memory = max(self.peak_memory, rss)
         self.peak_cpu_time = max(self.peak_cpu_time, cpu)
         if disk and self.work_dir is not None:
             self.peak_disk = max(self.peak_disk, directory_size(self.work_dir))
+
+    def _rss(self, proc: psutil.Process) -> int:
+        """Current RSS of one process; its own peak (VmHWM) raises `peak_process`."""
+        rss, hwm = _status_memory(proc.pid)
+        if rss is None:
+            rss = int(proc.memory_info().rss)
+        if hwm is not None:
+            self.peak_process = max(self.peak_process, hwm)
+        return rss
 
     def processes(self) -> list[psutil.Process]:
         """Descendants seen so far that are still alive (never the main process itself)."""
@@ -153,6 +167,7 @@ class TreeSampler:
         duration: float,
         rusage_cpu: float,
         rusage_maxrss: int,
+        spawner_peak: int,
         start: RuntimeStatistics,
     ) -> RuntimeStatistics:
         """The attempt's statistics: peaks, floored by the kernel's own accounting.
@@ -161,17 +176,40 @@ class TreeSampler:
             duration: seconds from spawn to exit.
             rusage_cpu: user + system seconds from `wait4` (main process and waited children).
             rusage_maxrss: peak RSS in bytes from `wait4` (largest single process).
+            spawner_peak: the spawning process's own peak RSS just after the spawn; a
+                `rusage_maxrss` not above it may be the spawner's and is not used.
             start: the availability measured at start (`start_statistics`).
         """
+        floor = rusage_maxrss if rusage_maxrss > spawner_peak else 0
         return RuntimeStatistics(
             duration=duration,
             cpu_time=max(self.peak_cpu_time, rusage_cpu),
-            memory=max(self.peak_memory, rusage_maxrss),
+            memory=max(self.peak_memory, self.peak_process, floor),
             disk_space=self.peak_disk,
             available_memory=start.available_memory,
             available_disk_space=start.available_disk_space,
             cpu_count=start.cpu_count,
         )
+
+
+def _status_memory(pid: int | str) -> tuple[int | None, int | None]:
+    """(VmRSS, VmHWM) in bytes from /proc/<pid>/status; None where not readable."""
+    rss = hwm = None
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith(b"VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss, hwm
+
+
+def own_peak_rss() -> int:
+    """This process's peak RSS in bytes (0 where /proc is not available)."""
+    return _status_memory("self")[1] or 0
 
 
 def start_statistics(work_dir: Path, capacity: Resources | None) -> RuntimeStatistics:
