@@ -9,6 +9,7 @@ isolated in a process of its own that outlives a daemon restart. Slices are acco
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import psutil
 from ..alloc.remote import AgentCluster, LeaseConfig, RemoteAlloc
 from ..errors import AllocationError
 from ..resources import AllocShape, Requirements, Resources
-from ..stats.runtime import machine_capacity
+from ..stats.runtime import find_processes, machine_capacity
 from .local import default_reserve_mem, default_work_root
 
 __all__ = ["ProcessCluster"]
@@ -155,7 +156,7 @@ class ProcessCluster(AgentCluster):
 
         async def teardown() -> None:
             try:
-                await self._stop(proc.pid, lambda: proc.poll() is not None)
+                await self._stop(alloc, proc.pid, lambda: proc.poll() is not None)
             finally:
                 self._give_back(alloc.id)
 
@@ -176,7 +177,7 @@ class ProcessCluster(AgentCluster):
 
         async def teardown() -> None:
             try:
-                await self._stop(pid, lambda: not _is_agent(pid, alloc.id))
+                await self._stop(alloc, pid, lambda: not _is_agent(pid, alloc.id))
             finally:
                 self._give_back(alloc.id)
 
@@ -184,18 +185,29 @@ class ProcessCluster(AgentCluster):
         alloc.teardown = teardown
         return True
 
-    async def _stop(self, pid: int, exited: Callable[[], bool]) -> None:
-        """SIGTERM the agent (it kills its attempts and leaves), SIGKILL after the grace."""
-        for sig, grace in ((signal.SIGTERM, self.kill_grace), (signal.SIGKILL, 5.0)):
+    async def _stop(self, alloc: RemoteAlloc, pid: int, exited: Callable[[], bool]) -> None:
+        """Let an agent that said goodbye finish leaving; else SIGTERM it (it kills its attempts
+        and leaves), SIGKILL after the grace. Then kill whatever of its attempts outlived it (a
+        SIGKILLed agent cannot clean up)."""
+        steps: list[tuple[signal.Signals | None, float]] = [
+            (signal.SIGTERM, self.kill_grace),
+            (signal.SIGKILL, 5.0),
+        ]
+        if alloc.gone.is_set():
+            steps.insert(0, (None, self.kill_grace))
+        for sig, grace in steps:
             if exited():
-                return
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                return
+                break
+            if sig is not None:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
             with anyio.move_on_after(grace):
                 while not exited():  # noqa: ASYNC110 - a process exit has no event here
                     await anyio.sleep(0.02)
+        alloc_id = alloc.id
+        await anyio.to_thread.run_sync(_kill_leftovers, alloc_id)
 
 
 def _is_agent(pid: int, alloc_id: str) -> bool:
@@ -208,3 +220,13 @@ def _is_agent(pid: int, alloc_id: str) -> bool:
     except psutil.Error:
         return False
     return "packsched.agent" in cmdline and any(alloc_id in arg for arg in cmdline)
+
+
+def _kill_leftovers(alloc_id: str) -> None:
+    """SIGKILL every process the agent of `alloc_id` started (they carry its id in their
+    environment) that is still alive (blocking: scans /proc)."""
+    for proc in find_processes(
+        session=None, marker=("PACKSCHED_ALLOC_ID", alloc_id), started_after=0.0
+    ):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
