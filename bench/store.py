@@ -7,21 +7,25 @@
 3. Raw `write()` throughput: the batches a scheduler would write for each task's life
    (WAITING, STAGING, RUNNING, COMPLETE plus its attempt), without the scheduler.
 
-Run: `.venv/bin/python bench/store.py [--tasks N] [--repeats R]`.
+Run alone: `.venv/bin/python bench/store.py [--tasks N] [--repeats R]` prints the tables and
+writes them as markdown to `bench/results/store.md`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import logging
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
+import msgspec
+import structlog
+from _common import machine, markdown_table, ratio, text_table, write_markdown
 
 from packsched import GiB, Resources, Scheduler, SchedulerConfig, TaskSpec
 from packsched.cluster import SimCluster
@@ -120,8 +124,6 @@ def _lifecycle(tasks: int, batch: int) -> list[StoreBatch]:
 
 
 def _replace(task: Task, **changes: object) -> Task:
-    import msgspec
-
     return msgspec.structs.replace(task, **changes)
 
 
@@ -137,32 +139,13 @@ async def raw_writes(store: Store, batches: Sequence[StoreBatch]) -> float:
         await store.close()
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """An aligned plain-text table."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[k]) for r in cells)) for k, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in cells:
-        lines.append(
-            "  ".join(
-                c.ljust(w) if k == 0 else c.rjust(w)
-                for k, (c, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
-    return "\n".join(lines)
-
-
 async def main(tasks: int, repeats: int, batch: int) -> None:
-    print(
-        f"machine: {platform.platform()}, {os.cpu_count()} cpus, Python "
-        f"{platform.python_version()}; {tasks} tasks, median of {repeats}"
-    )
+    print(f"machine: {machine()}; {tasks} tasks, median of {repeats}", file=sys.stderr)
     sched_times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     raw_times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     sizes: list[int] = []
     batches = _lifecycle(tasks, batch)
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for kind, factory in KINDS.items():  # interleaved, so drift hits every kind alike
             with tempfile.TemporaryDirectory() as tmp:
                 workdir = Path(tmp)
@@ -171,42 +154,49 @@ async def main(tasks: int, repeats: int, batch: int) -> None:
                     sizes.append((workdir / "store.db").stat().st_size)
             with tempfile.TemporaryDirectory() as tmp:
                 raw_times[kind].append(await raw_writes(factory(Path(tmp)), batches))
+        print(f"  round {round_ + 1} of {repeats}: done", file=sys.stderr)
 
-    memory_rate = tasks / statistics.median(sched_times["memory"])
-    raw_memory_rate = tasks / statistics.median(raw_times["memory"])
-    rows = []
-    for kind in KINDS:
-        rate = tasks / statistics.median(sched_times[kind])
-        raw_rate = tasks / statistics.median(raw_times[kind])
-        rows.append(
-            [
-                kind,
-                f"{rate:,.0f}",
-                f"{rate / memory_rate:.2f}",
-                f"{raw_rate:,.0f}",
-                f"{raw_rate / raw_memory_rate:.2f}",
-            ]
-        )
-    print()
-    print(f"Tasks/s ({tasks} zero-duration SimCluster tasks; raw: {batch} tasks per write)")
-    print(
-        table(
-            ["store", "scheduler tasks/s", "vs memory", "raw store tasks/s", "raw vs memory"],
-            rows,
-        )
-    )
+    def rate(times: list[float]) -> float:
+        return tasks / statistics.median(times)
+
+    headers = ["store", "scheduler tasks/s", "vs memory", "raw store tasks/s", "raw vs memory"]
+    rows: list[list[object]] = [
+        [
+            kind,
+            f"{rate(sched_times[kind]):.0f}",
+            ratio(rate(sched_times[kind]), rate(sched_times["memory"])),
+            f"{rate(raw_times[kind]):.0f}",
+            ratio(rate(raw_times[kind]), rate(raw_times["memory"])),
+        ]
+        for kind in KINDS
+    ]
     size = statistics.median(sizes)
+    size_headers = ["SQLite file (durability normal), settled tasks with history", "bytes"]
+    size_rows: list[list[object]] = [
+        [f"this run: {tasks} tasks (median)", f"{size:.0f}"],
+        ["per 10,000 settled tasks", f"{size * 10_000 / tasks:.0f}"],
+        ["per task", f"{size / tasks:.0f}"],
+    ]
+    print(text_table(headers, rows))
     print()
-    print(
-        table(
-            ["SQLite file (normal), settled tasks with history", "bytes"],
-            [
-                [f"per {tasks:,} tasks (this run)", f"{size:,.0f}"],
-                ["per 10,000 tasks", f"{size * 10_000 / tasks:,.0f}"],
-                ["per task", f"{size / tasks:,.0f}"],
-            ],
-        )
+    print(text_table(size_headers, size_rows))
+    notes = (
+        f"{tasks} zero-duration SimCluster tasks through a Scheduler, submitted {CHUNK} per "
+        f"call, timed from the first submit until all settled; raw: the same tasks' four "
+        f"state snapshots and one attempt written straight to the store, {batch} tasks per "
+        f"write. Rates are tasks/s from the median of {repeats} interleaved runs. Target: "
+        "SQLite (normal) at least 0.5 of memory through the scheduler."
     )
+    path = write_markdown(
+        "store",
+        "Store throughput and size",
+        [
+            ("", notes),
+            ("Throughput", markdown_table(headers, rows)),
+            ("File size", markdown_table(size_headers, size_rows)),
+        ],
+    )
+    print(f"\nwritten to {path}")
 
 
 if __name__ == "__main__":
@@ -215,4 +205,6 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=100, help="tasks per raw write")
     args = parser.parse_args()
+    # The scheduler's info lines (allocs started, ...) would drown the table.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     anyio.run(main, args.tasks, args.repeats, args.batch)
