@@ -22,6 +22,7 @@ import math
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from .resources import AllocShape, Requirements, Resources
 
@@ -167,8 +168,8 @@ def _dot(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
 
 
-def _urgency(d: Demand) -> tuple[int, int, str]:
-    return (d.priority, d.order, d.id)
+# Queue order: priority, then order, then id so that equal keys still sort the same way.
+_urgency = attrgetter("priority", "order", "id")
 
 
 def _sum(resources: Iterable[Resources]) -> Resources:
@@ -181,85 +182,137 @@ def _sum(resources: Iterable[Resources]) -> Resources:
 # -- place -------------------------------------------------------------------------------------
 
 
+class _FitIndex:
+    """Which rooms have at least a given amount free, per dimension, as bitmasks.
+
+    For each dimension the rooms are sorted by their free amount, and `masks[k][p]` has the bit
+    of every room at sorted position p or later set; one bisect per dimension and an AND of
+    Python ints then give the set of rooms a demand fits in, in a few microseconds for a
+    thousand rooms. Free space only shrinks during a pass, so an index built earlier still
+    never misses a room that fits; the rooms changed since are kept apart (`_Rooms.dirty`).
+    """
+
+    __slots__ = ("masks", "values")
+
+    def __init__(self, free: Sequence[Sequence[float]], rooms: Iterable[int], width: int) -> None:
+        members = list(rooms)
+        self.values: list[list[float]] = []
+        self.masks: list[list[int]] = []
+        for k in range(width):
+            members.sort(key=lambda i: free[i][k])
+            masks = [0] * (len(members) + 1)
+            acc = 0
+            for p in range(len(members) - 1, -1, -1):
+                acc |= 1 << members[p]
+                masks[p] = acc
+            self.values.append([free[i][k] for i in members])
+            self.masks.append(masks)
+
+    def query(self, d: _Vec, within: int) -> int:
+        """The rooms of `within` whose free space, when the index was built, held d."""
+        found = within
+        for k, need in enumerate(d):
+            if need > _EPS:
+                found &= self.masks[k][bisect_left(self.values[k], need - _EPS)]
+                if not found:
+                    break
+        return found
+
+
+# Rebuild the fit index once this many rooms have changed since it was built.
+_REINDEX_AFTER = 32
+
+
 class _Rooms:
-    """The live rooms of one `place` call, kept so that the best fit is found without a scan.
+    """The rooms of one `place` call, kept so that the best fit is found without a scan.
 
     Rooms of the same capacity form a group; inside a group they are kept sorted by
     `(slack, id)`, where slack is the room's free space normalised by its capacity and summed
     over dimensions. For one demand every room of a group loses the same normalised amount, so
-    the group's best fit is simply the first room in that order the demand fits in; only the
-    groups (a handful of alloc sizes) are compared. Rooms that can hold no demand of this call
-    any more are dropped from their group.
+    the group's best fit is the first room in that order the demand fits in, and only the
+    groups (a handful of alloc sizes) are compared. Which rooms a demand fits in at all comes
+    from a `_FitIndex`, so demands that fit nowhere (most of them, when the allocs are busy)
+    are turned away without looking at any room. Rooms that can hold no demand of this call
+    any more leave the search (`spent`); held rooms leave everything.
     """
 
     def __init__(self, rooms: Sequence[Room], space: _Space, floor: _Vec) -> None:
+        n = len(rooms)
         self.ids = [r.id for r in rooms]
         self.cap = [space.vec(r.capacity) for r in rooms]
         self.free = [list(space.vec(r.free)) for r in rooms]
         self.end = [r.expected_free_at for r in rooms]
         self.empty = [r.free == r.capacity for r in rooms]
         self.floor = floor
+        self.width = len(floor)
         groups: dict[_Vec, int] = {}
         self.group_cap: list[_Vec] = []
         self.group_w: list[_Vec] = []
-        self.group_rooms: list[list[tuple[float, str, int]]] = []
+        self.searched: list[list[tuple[float, str, int]]] = []  # live rooms, for fits
+        self.holdable: list[list[tuple[float, str, int]]] = []  # unheld rooms, for holds
         self.group_of: list[int] = []
         self.slack: list[float] = []
-        self.live = [False] * len(rooms)
-        self.held = [False] * len(rooms)
+        self.live = [False] * n
+        self.alive = 0  # bitmask of live rooms
         for i, cap in enumerate(self.cap):
             g = groups.get(cap)
             if g is None:
                 g = groups[cap] = len(self.group_cap)
                 self.group_cap.append(cap)
                 self.group_w.append(_weights(cap))
-                self.group_rooms.append([])
+                self.searched.append([])
+                self.holdable.append([])
             self.group_of.append(g)
             self.slack.append(_dot(self.group_w[g], self.free[i]))
-            if not self._spent(i):
+            entry = (self.slack[i], self.ids[i], i)
+            self.holdable[g].append(entry)
+            if _fits(floor, self.free[i]):
                 self.live[i] = True
-                self.group_rooms[g].append((self.slack[i], self.ids[i], i))
-        for entries in self.group_rooms:
+                self.alive |= 1 << i
+                self.searched[g].append(entry)
+        for entries in (*self.searched, *self.holdable):
             entries.sort()
-        self.max_free = self._max_free()
+        self._reindex()
 
-    def _spent(self, i: int) -> bool:
-        """True when room i is too short in some dimension for every demand of this call."""
-        return not _fits(self.floor, self.free[i])
+    def _reindex(self) -> None:
+        live = [i for i in range(len(self.ids)) if self.live[i]]
+        self.index = _FitIndex(self.free, live, self.width)
+        self.dirty = 0  # bitmask of rooms changed since the index was built
+        self.dirty_count = 0
 
-    def _max_free(self) -> list[float]:
-        """An upper bound, per dimension, of the free space of any live room."""
-        out = [0.0] * len(self.floor)
-        for entries in self.group_rooms:
-            for _, _, i in entries:
-                out = [max(a, b) for a, b in zip(out, self.free[i], strict=True)]
-        return out
-
-    def any_live(self) -> bool:
-        return any(self.group_rooms)
+    def fitting(self, d: _Vec) -> int:
+        """The bitmask of the live rooms that d fits in now."""
+        found = self.index.query(d, self.alive)
+        stale = found & self.dirty
+        if stale:
+            found ^= stale
+            free = self.free
+            while stale:
+                low = stale & -stale
+                if _fits(d, free[low.bit_length() - 1]):
+                    found |= low
+                stale ^= low
+        return found
 
     def best(self, d: _Vec, duration: float | None) -> int | None:
         """The room to put demand d on, or None when it fits no live room now."""
-        if not _fits(d, self.max_free):
+        fit = self.fitting(d)
+        if not fit:
             return None
         best: tuple[float, str, int] | None = None
         firsts: list[tuple[int, float]] = []
-        for g, entries in enumerate(self.group_rooms):
+        for g, entries in enumerate(self.searched):
             if not entries or not _fits(d, self.group_cap[g]):
                 continue
-            dw = _dot(d, self.group_w[g])
-            free = self.free
             for slack, rid, i in entries:
-                if _fits(d, free[i]):
+                if fit >> i & 1:
+                    dw = _dot(d, self.group_w[g])
                     firsts.append((g, dw))
                     cand = (slack - dw, rid, i)
                     if best is None or cand < best:
                         best = cand
                     break
-        if best is None:
-            # A full walk found nothing: tighten the quick-reject bound while it is cheap to.
-            self.max_free = self._max_free()
-            return None
+        assert best is not None
         if duration is None:
             return best[2]
         # Tasks that end together share an alloc: among near-equal fits, take the room whose
@@ -267,11 +320,11 @@ class _Rooms:
         limit = best[0] + _NEAR
         pick: tuple[float, float, str, int] | None = None
         for g, dw in firsts:
-            for slack, rid, i in self.group_rooms[g]:
+            for slack, rid, i in self.searched[g]:
                 score = slack - dw
                 if score > limit:
                     break
-                if not _fits(d, self.free[i]):
+                if not fit >> i & 1:
                     continue
                 end = self.end[i]
                 gap = abs(end - duration) if end is not None and not self.empty[i] else math.inf
@@ -281,11 +334,28 @@ class _Rooms:
         assert pick is not None
         return pick[3]
 
+    def _forget(self, i: int) -> None:
+        """Take room i out of the sorted lists (before its slack changes or it is held)."""
+        g = self.group_of[i]
+        entry = (self.slack[i], self.ids[i], i)
+        holdable = self.holdable[g]
+        del holdable[bisect_left(holdable, entry)]
+        if self.live[i]:
+            searched = self.searched[g]
+            del searched[bisect_left(searched, entry)]
+
+    def _touch(self, i: int) -> None:
+        bit = 1 << i
+        if not self.dirty & bit:
+            self.dirty |= bit
+            self.dirty_count += 1
+            if self.dirty_count > _REINDEX_AFTER:
+                self._reindex()
+
     def take(self, i: int, d: _Vec, duration: float | None) -> None:
         """Put demand d (expected to take `duration` seconds) on room i."""
+        self._forget(i)
         g = self.group_of[i]
-        entries = self.group_rooms[g]
-        del entries[bisect_left(entries, (self.slack[i], self.ids[i], i))]
         f = self.free[i]
         for k, dk in enumerate(d):
             f[k] = max(0.0, f[k] - dk)
@@ -296,28 +366,35 @@ class _Rooms:
         elif self.empty[i] or end is not None:
             self.end[i] = duration if self.empty[i] or end is None else max(end, duration)
         self.empty[i] = False
-        if self._spent(i):
-            self.live[i] = False
+        entry = (self.slack[i], self.ids[i], i)
+        insort(self.holdable[g], entry)
+        if _fits(self.floor, f):
+            insort(self.searched[g], entry)
         else:
-            insort(entries, (self.slack[i], self.ids[i], i))
+            self.live[i] = False
+            self.alive &= ~(1 << i)
+        self._touch(i)
+
+    def holdable_left(self) -> bool:
+        return any(self.holdable)
 
     def reserve_for(self, d: _Vec) -> int | None:
-        """Hold the room with the most free space among those whose capacity fits d."""
+        """Hold the room with the most free space (then the smallest id) whose capacity fits d."""
         best: tuple[float, str, int] | None = None
-        for i, cap in enumerate(self.cap):
-            if self.held[i] or not _fits(d, cap):
+        for g, entries in enumerate(self.holdable):
+            if not entries or not _fits(d, self.group_cap[g]):
                 continue
-            cand = (-self.slack[i], self.ids[i], i)
+            # The group's most free room with the smallest id: the first of the largest slack.
+            top = entries[bisect_left(entries, (entries[-1][0],))]
+            cand = (-top[0], top[1], top[2])
             if best is None or cand < best:
                 best = cand
         if best is None:
             return None
         i = best[2]
-        if self.live[i]:
-            entries = self.group_rooms[self.group_of[i]]
-            del entries[bisect_left(entries, (self.slack[i], self.ids[i], i))]
-            self.live[i] = False
-        self.held[i] = True
+        self._forget(i)
+        self.live[i] = False
+        self.alive &= ~(1 << i)
         return i
 
 
@@ -357,7 +434,10 @@ def place(demands: Sequence[Demand], rooms: Sequence[Room], *, can_grow: bool = 
     failed: set[_Vec] = set()  # rooms only shrink, so what failed once fails for good
     no_reservation: set[_Vec] = set()
     last: tuple[_Vec, float | None, int] | None = None
-    for demand, d in zip(ordered, vecs, strict=True):
+    for n, (demand, d) in enumerate(zip(ordered, vecs, strict=True)):
+        if not state.alive and (can_grow or not state.holdable_left()):
+            unplaced.extend(ordered[n:])  # no room can take anything any more
+            break
         duration = demand.expected_duration
         i: int | None = None
         # The room that was best for the previous, identical demand is still the best if it
