@@ -507,3 +507,117 @@ def test_anti_correlated_demands_pair_up() -> None:
     bins = pack(ds, [AllocShape(resources=res(cpu=8, mem=8))])
     assert len(bins) == 4
     assert all(sorted(i[0] for i in b.demand_ids) == ["c", "m"] for b in bins)
+
+
+# -- place against a plain reference -----------------------------------------------------------
+
+
+def reference_place(ds: list[Demand], rs: list[Room], can_grow: bool) -> Placement:
+    """place() written as the obvious scan over every room, for comparing decisions."""
+
+    def vec(r: Resources) -> tuple[float, ...]:
+        return (float(r.cpu), float(r.mem), float(r.disk), float(r.gpu))
+
+    def dot(a: Sequence[float], b: Sequence[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    caps = [vec(r.capacity) for r in rs]
+    ws = [tuple(1 / c if c > 0 else 0.0 for c in cap) for cap in caps]
+    free = [list(vec(r.free)) for r in rs]
+    ends = [r.expected_free_at for r in rs]
+    empty = [r.free == r.capacity for r in rs]
+    held = [False] * len(rs)
+    assignments: list[tuple[str, str]] = []
+    unplaced: list[Demand] = []
+    reserved: dict[str, str] = {}
+    for dm in sorted(ds, key=key):
+        d = vec(dm.resources)
+        fit = [
+            i
+            for i in range(len(rs))
+            if not held[i] and all(x <= f + 1e-9 for x, f in zip(d, free[i], strict=True))
+        ]
+        if fit:
+            scores = {i: dot(ws[i], free[i]) - dot(d, ws[i]) for i in fit}
+            i = min(fit, key=lambda i: (scores[i], rs[i].id))
+            dur = dm.expected_duration
+            if dur is not None:
+                near = [j for j in fit if scores[j] <= scores[i] + 0.05]
+
+                def gap(j: int, dur: float = dur) -> float:
+                    e = ends[j]
+                    return abs(e - dur) if e is not None and not empty[j] else float("inf")
+
+                i = min(near, key=lambda j: (gap(j), scores[j], rs[j].id))
+            free[i] = [max(0.0, f - x) for f, x in zip(free[i], d, strict=True)]
+            e = ends[i]
+            if dur is None:
+                ends[i] = None
+            elif empty[i] or e is not None:
+                ends[i] = dur if empty[i] or e is None else max(e, dur)
+            empty[i] = False
+            assignments.append((dm.id, rs[i].id))
+            continue
+        unplaced.append(dm)
+        if not can_grow:
+            holders = [
+                i
+                for i in range(len(rs))
+                if not held[i] and all(x <= c + 1e-9 for x, c in zip(d, caps[i], strict=True))
+            ]
+            if holders:
+                i = min(holders, key=lambda i: (-dot(ws[i], free[i]), rs[i].id))
+                held[i] = True
+                reserved[rs[i].id] = dm.id
+    return Placement(assignments=assignments, unplaced=unplaced, reserved=reserved)
+
+
+def test_place_matches_reference_on_many_rooms() -> None:
+    """With enough rooms and demands to rebuild the fit index, place() decides as a plain scan."""
+    caps = [
+        res(cpu=64, mem=256, disk=100),
+        res(cpu=32, mem=64, disk=50),
+        res(cpu=16, mem=64, gpu=2),
+    ]
+    kinds = [res(cpu=1, mem=2), res(cpu=4, mem=8, disk=1), res(cpu=2, mem=16), res(cpu=1, gpu=1)]
+    for seed in range(4):
+        rng = random.Random(seed)
+        rs = []
+        for i in range(90):
+            cap = caps[i % 3]
+            part = rng.choice([0.0, 0.5, 0.9, 1.0])
+            free = Resources(
+                cpu=round(cap.cpu * part * rng.random(), 1),
+                mem=int(cap.mem * part * rng.random()),
+                disk=int(cap.disk * part),
+                gpu=cap.gpu if part == 1.0 else 0,
+            )
+            end = rng.choice([None, 30.0, 300.0])
+            rs.append(
+                Room(
+                    id=f"r{i:02}",
+                    capacity=cap,
+                    free=cap if part == 1.0 else free,
+                    expected_free_at=end,
+                )
+            )
+        ds = []
+        for i in range(700):
+            r = (
+                rng.choice(kinds)
+                if rng.random() < 0.6
+                else res(cpu=round(rng.uniform(0.1, 8), 1), mem=round(rng.uniform(0.1, 32), 2))
+            )
+            ds.append(
+                Demand(
+                    id=f"t{i:03}",
+                    resources=r,
+                    priority=rng.randint(0, 2),
+                    order=i,
+                    expected_duration=rng.choice([None, None, 20.0, 400.0]),
+                )
+            )
+        for can_grow in (True, False):
+            got = place(ds, rs, can_grow=can_grow)
+            assert got == reference_place(ds, rs, can_grow), (seed, can_grow)
+            check_placement(ds, rs, got)
