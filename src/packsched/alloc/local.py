@@ -179,7 +179,7 @@ class LocalExecutor:
         marker: str,
     ) -> TaskResult:
         """Wait for the attempt's end (exit, timeout or cancellation) while sampling it."""
-        sampler = TreeSampler(proc.pid, work_dir)
+        sampler = TreeSampler(proc.pid, work_dir, session=proc.pid)
         exited_at = 0.0
         timed_out = False
         try:

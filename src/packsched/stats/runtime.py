@@ -96,14 +96,18 @@ def _alive(proc: psutil.Process) -> bool:
 class TreeSampler:
     """Peaks of one process tree, one blocking `sample()` at a time (call it from a thread).
 
+    Give `session` when the main process leads a session of its own (the executor starts
+    every command so): its members are then found cheaply at every sample.
+
     Every descendant ever seen is remembered (psutil checks a pid's start time, so a reused
     pid is never taken for it), which lets `processes()` find children that left the process
     group or were re-parented when their parent exited.
     """
 
-    def __init__(self, pid: int, work_dir: Path | None) -> None:
+    def __init__(self, pid: int, work_dir: Path | None, *, session: int | None = None) -> None:
         self.pid = pid
         self.work_dir = work_dir
+        self.session = session
         self.peak_memory = 0
         self.peak_cpu_time = 0.0
         self.peak_disk = 0
@@ -128,10 +132,9 @@ class TreeSampler:
                     t = root.cpu_times()
                     cpu += t.user + t.system + t.children_user + t.children_system
                     rss += self._rss(root)
-                for child in root.children(recursive=True):
-                    self._known.setdefault(child.pid, child)
             except psutil.Error:
                 pass  # exited (or a zombie): its descendants are still sampled below
+        self._discover()
         for pid, proc in list(self._known.items()):
             try:
                 with proc.oneshot():
@@ -147,6 +150,28 @@ class TreeSampler:
         self.peak_cpu_time = max(self.peak_cpu_time, cpu)
         if disk and self.work_dir is not None:
             self.peak_disk = max(self.peak_disk, directory_size(self.work_dir))
+
+    def _discover(self) -> None:
+        """Add new members of the tree to the known processes.
+
+        Members of the attempt's session are found with one `getsid` per pid (cheap); a walk of
+        the whole process table (psutil's `children`, which reads every /proc/<pid>/stat)
+        runs only every 25th sample, or every sample when there is no session, to find
+        descendants that started sessions of their own.
+        """
+        pids: list[int] = []
+        if self.session is not None:
+            for pid in psutil.pids():
+                with contextlib.suppress(OSError):
+                    if pid != self.pid and os.getsid(pid) == self.session:
+                        pids.append(pid)
+        if self._root is not None and (self.session is None or self.samples % 25 == 1):
+            with contextlib.suppress(psutil.Error):
+                pids.extend(child.pid for child in self._root.children(recursive=True))
+        for pid in pids:
+            if pid not in self._known:
+                with contextlib.suppress(psutil.Error):
+                    self._known[pid] = psutil.Process(pid)
 
     def _rss(self, proc: psutil.Process) -> int:
         """Current RSS of one process; its own peak (VmHWM) raises `peak_process`."""
