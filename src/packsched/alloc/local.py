@@ -95,6 +95,7 @@ class _Spawned:
         self.epoch = 0.0  # start time of the main process, on psutil's clock
         self.t0 = 0.0
         self.spawner_peak = 0  # our own peak RSS, which the child's ru_maxrss starts from
+        self.sampler: TreeSampler | None = None
 
 
 class LocalExecutor:
@@ -162,7 +163,7 @@ class LocalExecutor:
         except BaseException:
             if spawned.proc is not None:  # cancelled while the spawn thread ran
                 with anyio.CancelScope(shield=True):
-                    await self._kill(spawned, None, marker, work_dir)
+                    await self._kill(spawned, spawned.sampler, marker, work_dir)
             raise
         proc = spawned.proc
         assert proc is not None
@@ -179,7 +180,7 @@ class LocalExecutor:
         marker: str,
     ) -> TaskResult:
         """Wait for the attempt's end (exit, timeout or cancellation) while sampling it."""
-        sampler = TreeSampler(proc.pid, work_dir, session=proc.pid)
+        sampler = spawned.sampler or TreeSampler(proc.pid, work_dir, session=proc.pid)
         exited_at = 0.0
         timed_out = False
         try:
@@ -350,6 +351,9 @@ def _spawn(
         with contextlib.suppress(psutil.Error):
             spawned.epoch = psutil.Process(spawned.proc.pid).create_time()
         spawned.spawner_peak = own_peak_rss()
+        # A first sample at once: a command that exits within milliseconds is seen at least here.
+        spawned.sampler = TreeSampler(spawned.proc.pid, work_dir, session=spawned.proc.pid)
+        spawned.sampler.sample()
 
 
 def _sample(sampler: TreeSampler) -> None:
