@@ -350,3 +350,21 @@ async def test_error_left_alone_ages_out_to_failed(cluster: ManualCluster) -> No
         failed = sched.get(t.id)
         assert error_codes(failed) == ["exit-status"]
         assert failed.error is not None and "given up" in failed.error.message
+
+
+async def test_history_marks_new_failures_and_learns_durations(
+    cluster: ManualCluster, sched: Scheduler
+) -> None:
+    """A kind that completed before and now fails is flagged as a new failure; its p50 is kept."""
+    [ok] = await sched.submit(spec(name="align"))
+    alloc = (await cluster.next_request()).grant()
+    await alloc.wait_running(1)
+    alloc.complete(ok.id)
+    await sched.wait(ok.id)
+    assert sched.kind_history("align").completed == 1
+    [bad] = await sched.submit(spec(name="align"))
+    await wait_until(lambda: bad.id in alloc.task_ids)
+    alloc.complete(bad.id, exit_code=1)
+    bad = await sched.wait(bad.id)
+    assert bad.error is not None and "new failure" in bad.error.message
+    assert sched.kind_history("align").failed == 1

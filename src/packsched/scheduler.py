@@ -30,6 +30,7 @@ from .clock import Clock
 from .cluster.base import Alloc, Cluster
 from .errors import InvalidSpecError, InvalidTransition, PackschedError, TaskNotFoundError
 from .resources import AllocShape, GiB, Requirements, Resources
+from .stats.history import History, KindHistory
 from .stats.recorder import StatsRecorder
 from .stats.snapshot import AllocStats, StatsSnapshot, TaskStats
 from .store.base import AllocRecord, HistoryQuery, Store, StoreBatch
@@ -137,6 +138,8 @@ class PackingPolicy(Protocol):
     ) -> packing.Plan: ...
 
 
+HISTORY_WINDOW = 7 * 24 * 3600.0  # seconds of past attempts loaded into the per-kind history
+
 CancelReason = Literal["kill", "lost", "shutdown"]
 
 
@@ -209,6 +212,7 @@ class Scheduler:
         self.clock = clock or Clock()
         self._policy: PackingPolicy = policy if policy is not None else packing
         self._recorder = StatsRecorder()
+        self._history = History()
         self._tasks: dict[str, _TaskEntry] = {}
         self._seqs: list[int] = []  # seq of every task in self._tasks, ascending (for paging)
         self._by_seq: list[str] = []
@@ -255,6 +259,8 @@ class Scheduler:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._tg.start_soon(self._committer)
             await self._resume()
+            # Learn durations and failure patterns from the last week of attempts.
+            await self._history.load_from(self.store, since=self.clock.now() - HISTORY_WINDOW)
             self._tg.start_soon(self._main_loop)
             if self.config.error_max_age is not None:
                 self._tg.start_soon(self._age_errors, self.config.error_max_age)
@@ -510,6 +516,10 @@ class Scheduler:
         """Finished attempts from the store's log."""
         return await self.store.history(query)
 
+    def kind_history(self, kind: str) -> KindHistory:
+        """What past attempts of `kind` used and how often they succeeded (DESIGN §7)."""
+        return self._history.history(kind)
+
     def stats(self, *, include_tasks: bool = True) -> StatsSnapshot:
         """An immutable snapshot of everything (DESIGN §7); `include_tasks=False` skips per-task rows."""
         by_state: dict[TaskState, int] = dict.fromkeys(TaskState, 0)
@@ -671,20 +681,20 @@ class Scheduler:
                 changes["retries_used"] = task.retries_used + 1
         new = msgspec.structs.replace(task, **changes)
         if target in SETTLED or target is S.LOST:
-            self._dirty_attempts.append(
-                Attempt(
-                    task_id=task.id,
-                    attempt=task.attempt,
-                    state=target,
-                    kind=task.spec.kind,
-                    run=task.spec.run,
-                    alloc_id=task.alloc_id,
-                    submitted_at=task.submitted_at,
-                    started_at=task.started_at,
-                    finished_at=now,
-                    result=new.result,
-                )
+            attempt = Attempt(
+                task_id=task.id,
+                attempt=task.attempt,
+                state=target,
+                kind=task.spec.kind,
+                run=task.spec.run,
+                alloc_id=task.alloc_id,
+                submitted_at=task.submitted_at,
+                started_at=task.started_at,
+                finished_at=now,
+                result=new.result,
             )
+            self._dirty_attempts.append(attempt)
+            self._history.record(attempt)
         self._update(entry, new)
         if target in SETTLED:
             self._recorder.task_finished(
@@ -833,7 +843,7 @@ class Scheduler:
         now = self.clock.monotonic()
         can_request = now >= self._backoff_until
         max_new = self.config.max_pending_allocs - len(self._requests) if can_request else 0
-        demands = [_demand(e) for e in ready]
+        demands = [self._demand(e) for e in ready]
         if rooms and demands:
             placement = self._policy.place(demands, rooms, can_grow=max_new > 0)
             for task_id, alloc_id in placement.assignments:
@@ -889,6 +899,17 @@ class Scheduler:
             elif entry.alloc is not None:
                 self._tg.start_soon(self._run, entry, entry.alloc)
         self._to_launch = keep
+
+    def _demand(self, entry: _TaskEntry) -> packing.Demand:
+        spec = entry.task.spec
+        return packing.Demand(
+            id=entry.task.id,
+            resources=spec.resources,
+            priority=spec.priority,
+            order=entry.order,
+            # Undeclared durations are learned from the kind's history (its median).
+            expected_duration=spec.expected_duration or self._history.expected_duration(spec.kind),
+        )
 
     # -- running one attempt ---------------------------------------------------------------
 
@@ -976,6 +997,13 @@ class Scheduler:
                         )
                     ],
                 ),
+            )
+        note = self._history.describe_failure(entry.task.spec.kind)
+        if note is not None:
+            first, *rest = result.output.errors
+            first = TaskError(code=first.code, message=f"{first.message} ({note})")
+            result = msgspec.structs.replace(
+                result, output=msgspec.structs.replace(result.output, errors=[first, *rest])
             )
         self._transition(entry, S.ERROR, action="fail", result=result)
         task = entry.task
@@ -1241,17 +1269,6 @@ class Scheduler:
         self._runners += 1
         assert self._tg is not None
         self._tg.start_soon(self._run, entry, a, True)
-
-
-def _demand(entry: _TaskEntry) -> packing.Demand:
-    spec = entry.task.spec
-    return packing.Demand(
-        id=entry.task.id,
-        resources=spec.resources,
-        priority=spec.priority,
-        order=entry.order,
-        expected_duration=spec.expected_duration,
-    )
 
 
 def _error_result(code: str, message: str) -> TaskResult:
