@@ -417,12 +417,13 @@ async def test_410_as_an_http_status_also_relists(tmp_path: Path) -> None:
 
 
 async def test_keepalive_reads_the_pod_without_a_watch(kube: FakeKube, tmp_path: Path) -> None:
-    """Started but not entered, the cluster checks a pod by reading it."""
+    """Started but not entered (no watch), keepalives check the pods by listing them."""
     cluster = make_cluster(
         kube,
         tmp_path,
         agent_command=SLEEPER,
         shapes=[AllocShape(resources=Resources(cpu=4, mem=4 * GiB))],
+        poll_interval=0,
     )
     await cluster.start("http://daemon.example:8000")
     try:

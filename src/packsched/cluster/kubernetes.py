@@ -14,7 +14,9 @@ or is deleted makes its alloc's next keepalive fail at once rather than when the
 out. Freeing deletes the pod. The shapes on offer are configured, or read from the nodes'
 allocatable resources.
 
-kubernetes_asyncio (the `kubernetes` extra) is imported only when the cluster starts.
+kubernetes_asyncio (the `kubernetes` extra) is imported only when the cluster starts. The
+daemon's service account needs, in its namespace, pods: create, get, list, watch, delete and
+secrets: create; and nodes: list (cluster-wide) unless the shapes are configured.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import functools
 import importlib
 import math
 import re
+import time
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -508,7 +512,8 @@ class KubernetesCluster(AgentCluster):
 
     Use it as `async with KubernetesCluster(...) as cluster:` (or let the daemon start it): it
     loads the client config, reads the nodes when no shapes are configured, and watches its
-    pods. Without the watch (started but not entered), each keepalive reads the pod instead.
+    pods. Without the watch (started but not entered), keepalives share one pod list per
+    `poll_interval` instead.
 
     Args:
         image: the container image; it must have `packsched` installed.
@@ -534,7 +539,8 @@ class KubernetesCluster(AgentCluster):
         name: this daemon's name among others in the namespace (label `packsched.io/cluster`).
         lease, agent_token: as for `AgentCluster`.
         request_timeout: seconds for one API call; watch_timeout: seconds one watch stream
-            lasts before it is resumed.
+            lasts before it is resumed; poll_interval: without a watch, the longest a pod
+            list is trusted by keepalives.
     """
 
     provider = "kubernetes"
@@ -566,6 +572,7 @@ class KubernetesCluster(AgentCluster):
         agent_token: str | None = None,
         request_timeout: float = 30.0,
         watch_timeout: int = 300,
+        poll_interval: float = 1.0,
     ) -> None:
         super().__init__(lease=lease, agent_token=agent_token, server_url=server_url)
         if not image:
@@ -599,6 +606,7 @@ class KubernetesCluster(AgentCluster):
         self.name = name
         self.request_timeout = request_timeout
         self.watch_timeout = watch_timeout
+        self.poll_interval = poll_interval
         self._configured_shapes = list(shapes) if shapes is not None else None
         self._node_shapes: list[AllocShape] = []
         self._api: _KubeApi | None = None
@@ -608,6 +616,8 @@ class KubernetesCluster(AgentCluster):
         self._pods: dict[str, str] = {}
         self._seen: dict[str, Json | None] = {}
         self._watching = False
+        self._poll_lock = anyio.Lock()
+        self._polled_at = -math.inf
         self.watch_restarts = 0  # streams resumed from a resourceVersion
         self.relists = 0  # full re-lists after a 410 or an error
 
@@ -628,6 +638,13 @@ class KubernetesCluster(AgentCluster):
         await super().start(server_url)
         if self._api is not None:
             return
+        host = urllib.parse.urlsplit(self.server_url or "").hostname or ""
+        if host in ("localhost", "::1") or host.startswith("127."):
+            log.warning(
+                "agents in pods cannot reach a loopback address unless the pods share this "
+                "host's network: set server_url (the daemon's Service) for a real cluster",
+                server_url=self.server_url,
+            )
         try:
             kclient: Any = importlib.import_module("kubernetes_asyncio.client")
             kconfig: Any = importlib.import_module("kubernetes_asyncio.config")
@@ -837,16 +854,13 @@ class KubernetesCluster(AgentCluster):
         name = self._pods.get(alloc_id)
         if name is None:
             return f"alloc {alloc_id} has no pod"
-        if self._watching:
-            pod = self._seen.get(alloc_id)
-        else:
+        if not self._watching:
             try:
-                pod = await self.api().get_pod(self.namespace or "default", name)
+                await self._poll_pods()
             except KubernetesApiError as exc:
-                log.warning("cannot read pod", alloc_id=alloc_id, pod=name, error=str(exc))
+                log.warning("cannot list pods", alloc_id=alloc_id, error=str(exc))
                 return None  # the lease decides while the API is unreachable
-            if pod is not None:
-                self._seen[alloc_id] = pod
+        pod = self._seen.get(alloc_id)
         if pod == {}:
             return None  # created, not seen yet
         reason = pod_gone_reason(pod)
@@ -858,6 +872,16 @@ class KubernetesCluster(AgentCluster):
         if reason is not None and pod is None:
             reason = f"pod {name} was deleted"
         return reason
+
+    async def _poll_pods(self) -> None:
+        """Without a watch: list this cluster's pods, at most every `poll_interval` seconds,
+        one call for every alloc (as a watch would, but later)."""
+        async with self._poll_lock:
+            if time.monotonic() - self._polled_at < self.poll_interval:
+                return
+            pods, _ = await self.api().list_pods(self.namespace or "default", self.selector)
+            self._polled_at = time.monotonic()
+            self._resync(pods)
 
     async def _teardown(self, alloc_id: str) -> None:
         """Delete the alloc's pod (its Secret goes with it) and stop tracking it."""
