@@ -29,6 +29,7 @@ from typing import Any, Literal
 import msgspec
 
 from .alloc.local import ExecutorConfig
+from .alloc.remote import LeaseConfig
 from .errors import InvalidSpecError
 from .resources import AllocShape, MiB, Resources
 from .scheduler import SchedulerConfig
@@ -40,9 +41,11 @@ __all__ = [
     "DaemonConfig",
     "LocalClusterConfig",
     "LogConfig",
+    "ProcessClusterConfig",
     "ServerConfig",
     "SimClusterConfig",
     "SimShapeConfig",
+    "SlurmClusterConfig",
     "StoreConfig",
     "default_state_dir",
     "load_config",
@@ -151,7 +154,62 @@ class SimClusterConfig(
     max_allocs: int | None = None
 
 
-ClusterConfig = LocalClusterConfig | SimClusterConfig
+class AgentClusterFields(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What every cluster whose allocs run `packsched agent` shares.
+
+    `agent_token` (or the contents of `agent_token_file`) is the token agents send; with
+    neither, one is generated once into `<state_dir>/agent-token`, so that agents outlive a
+    restart. `advertise_url` is where agents reach the daemon (default: the address it listens
+    on, which is only right when they run on this machine).
+    """
+
+    lease: LeaseConfig = LeaseConfig()
+    agent_token: str | None = None
+    agent_token_file: str | None = None
+    advertise_url: str | None = None
+
+
+class ProcessClusterConfig(
+    AgentClusterFields,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag="process",
+    tag_field="kind",
+):
+    """Each alloc is a local `packsched agent` process holding a slice of this machine."""
+
+    cpu: float | str | None = None
+    mem: int | str | None = None
+    disk: int | str | None = None
+    reserve_mem: int | str | None = None
+    work_root: str | None = None
+    kill_grace: float = 5.0
+
+
+class SlurmClusterConfig(
+    AgentClusterFields,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag="slurm",
+    tag_field="kind",
+):
+    """Each alloc is a Slurm batch job running `packsched agent` (sbatch / squeue / scancel)."""
+
+    partition: str | None = None
+    account: str | None = None
+    time_limit: str | None = None
+    extra_args: list[str] = []
+    agent_command: list[str] | None = None
+    agent_mem: int | str = "128MiB"
+    work_root: str | None = None
+    log_dir: str | None = None
+    disk: int | str | None = None
+    state_poll: float = 1.0
+
+
+ClusterConfig = LocalClusterConfig | SimClusterConfig | ProcessClusterConfig | SlurmClusterConfig
 
 
 class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from packsched.alloc.remote import AgentCluster
+from packsched.api.client import AsyncClient
+from packsched.task import TaskState
 
 
 class _Server(uvicorn.Server):
@@ -66,3 +73,70 @@ def count_lines(path: Path) -> dict[str, int]:
         for line in path.read_text().splitlines():
             counts[line] = counts.get(line, 0) + 1
     return counts
+
+
+DAEMON = (
+    "import anyio, sys\n"
+    "from packsched.api.daemon import serve\n"
+    "from packsched.config import load_config\n"
+    "anyio.run(serve, load_config(sys.argv[1]))\n"
+)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a restarted daemon must listen where agents call)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _spawn_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", DAEMON, str(config)],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+async def start_daemon(config: Path, log: Path, url: str) -> subprocess.Popen[bytes]:
+    """Start the real daemon (`packsched.api.daemon.serve`) on `config`; return once ready."""
+    proc = await anyio.to_thread.run_sync(_spawn_daemon, config, log)
+
+    async def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the daemon exited with {proc.returncode}; see {log}")
+        try:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(f"{url}/readyz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    with anyio.move_on_after(30):
+        while not await ready():  # noqa: ASYNC110 - the deadline helper polls by design
+            await anyio.sleep(0.05)
+        return proc
+    proc.kill()
+    raise AssertionError(f"the daemon did not become ready; see {log}")
+
+
+async def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the daemon (it drains and frees its allocs), SIGKILL if it takes too long."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    with anyio.move_on_after(60):
+        while proc.poll() is None:  # noqa: ASYNC110 - a process exit has no event here
+            await anyio.sleep(0.05)
+    if proc.poll() is None:
+        proc.kill()
+        await anyio.to_thread.run_sync(proc.wait)
+
+
+async def wait_running(client: AsyncClient, task_id: str) -> None:
+    """Poll the daemon until the task is RUNNING there (durable: the store says so)."""
+    with anyio.fail_after(30):
+        while (await client.get(task_id)).state is not TaskState.RUNNING:  # noqa: ASYNC110
+            await anyio.sleep(0.05)

@@ -7,15 +7,26 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 
 from packsched import GiB, MiB, Resources, Scheduler, SchedulerConfig, TaskSpec, TaskState
 from packsched.alloc.remote import LeaseConfig
+from packsched.api.client import AsyncClient
 from packsched.cluster.process import ProcessCluster
 from packsched.store.base import HistoryQuery
 
 from ..conftest import hosted
-from .agents import count_lines, serve_agents, wait_for
+from .agents import (
+    count_lines,
+    free_port,
+    serve_agents,
+    start_daemon,
+    stop_daemon,
+    wait_for,
+    wait_running,
+)
 
 LEASE = LeaseConfig(heartbeat_interval=0.2, start_timeout=30, exit_wait=5, kill_wait=10)
 CONFIG = SchedulerConfig(
@@ -142,3 +153,60 @@ async def test_freeing_an_idle_alloc_stops_its_agent(tmp_path: Path) -> None:
         log = cluster.agent_log(alloc.id).read_text()
         assert "the daemon freed this alloc" in log
         assert not (tmp_path / "work" / alloc.id).exists()
+
+
+async def test_daemon_sigkill_and_restart_reattaches_running_tasks(tmp_path: Path) -> None:
+    """SIGKILL of the daemon while agents run, then a restart: running tasks are re-attached
+    and finish once, never run again."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    runs = tmp_path / "runs"
+    config = tmp_path / "packsched.toml"
+    config.write_text(
+        f"""
+state_dir = "{tmp_path / "state"}"
+[server]
+port = {port}
+token = "user-token"
+[cluster]
+kind = "process"
+cpu = 2
+mem = "1GiB"
+disk = "1GiB"
+work_root = "{tmp_path / "work"}"
+kill_grace = 1
+[cluster.lease]
+heartbeat_interval = 0.2
+reattach_grace = 15
+[scheduler]
+keepalive_interval = 0.1
+max_alloc_idle_time = 30
+[scheduler.min_alloc]
+cpu = 1
+mem = "128MiB"
+"""
+    )
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(config, log, url)
+    try:
+        async with AsyncClient(url, "user-token") as client:
+            tasks = await client.submit(
+                [
+                    TaskSpec(command=counting(runs, 4), resources=Resources(cpu=1, mem=64 * MiB))
+                    for _ in range(2)
+                ]
+            )
+            ids = [t.id for t in tasks]
+            await wait_for(lambda: len(count_lines(runs)) == 2, 60, "both tasks to start")
+            for task_id in ids:
+                await wait_running(client, task_id)
+        daemon.kill()
+        await anyio.to_thread.run_sync(daemon.wait)
+        daemon = await start_daemon(config, log, url)
+        async with AsyncClient(url, "user-token") as client:
+            done = [await client.wait(task_id, timeout=60) for task_id in ids]
+        assert [t.state for t in done] == [TaskState.COMPLETE] * 2, [t.error for t in done]
+        assert [(t.attempt, t.lost_count) for t in done] == [(0, 0), (0, 0)]
+        assert count_lines(runs) == dict.fromkeys(ids, 1)
+    finally:
+        await stop_daemon(daemon)

@@ -13,16 +13,26 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from packsched import MiB, Resources, Scheduler, SchedulerConfig, TaskSpec, TaskState
 from packsched.alloc.remote import LeaseConfig
+from packsched.api.client import AsyncClient
 from packsched.cluster.slurm import SlurmCluster, parse_sinfo
 from packsched.resources import GiB
 from packsched.store.base import HistoryQuery
 
 from ..conftest import hosted
-from .agents import count_lines, serve_agents, wait_for
+from .agents import (
+    count_lines,
+    free_port,
+    serve_agents,
+    start_daemon,
+    stop_daemon,
+    wait_for,
+    wait_running,
+)
 
 needs_slurm = pytest.mark.skipif(
     shutil.which("sinfo") is None,
@@ -180,3 +190,60 @@ async def test_a_job_whose_agent_never_registers_fails_the_allocation(tmp_path: 
         with pytest.raises(Exception, match="did not register"):
             await cluster.allocate(Requirements(min=Resources(cpu=1, mem=64 * MiB)), {})
     assert not cluster.registry.allocs()
+
+
+@pytest.mark.slurm
+@needs_slurm
+async def test_daemon_sigkill_and_restart_reattaches_running_slurm_tasks(tmp_path: Path) -> None:
+    """SIGKILL of the daemon while Slurm jobs run its tasks, then a restart: the agents come
+    back, their running tasks are re-attached and finish once, never run again."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    runs = tmp_path / "runs"
+    config = tmp_path / "packsched.toml"
+    config.write_text(
+        f"""
+state_dir = "{tmp_path / "state"}"
+[server]
+port = {port}
+token = "user-token"
+[cluster]
+kind = "slurm"
+log_dir = "{tmp_path / "jobs"}"
+state_poll = 0.3
+[cluster.lease]
+heartbeat_interval = 0.3
+reattach_grace = 20
+start_timeout = 60
+[scheduler]
+keepalive_interval = 0.2
+max_alloc_idle_time = 30
+[scheduler.min_alloc]
+cpu = 1
+mem = "256MiB"
+"""
+    )
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(config, log, url)
+    try:
+        async with AsyncClient(url, "user-token") as client:
+            tasks = await client.submit(
+                [
+                    TaskSpec(command=counting(runs, 5), resources=Resources(cpu=1, mem=64 * MiB))
+                    for _ in range(2)
+                ]
+            )
+            ids = [t.id for t in tasks]
+            await wait_for(lambda: len(count_lines(runs)) == 2, 90, "both tasks to start")
+            for task_id in ids:
+                await wait_running(client, task_id)
+        daemon.kill()
+        await anyio.to_thread.run_sync(daemon.wait)
+        daemon = await start_daemon(config, log, url)
+        async with AsyncClient(url, "user-token") as client:
+            done = [await client.wait(task_id, timeout=90) for task_id in ids]
+        assert [t.state for t in done] == [TaskState.COMPLETE] * 2, [t.error for t in done]
+        assert [(t.attempt, t.lost_count) for t in done] == [(0, 0), (0, 0)]
+        assert count_lines(runs) == dict.fromkeys(ids, 1)
+    finally:
+        await stop_daemon(daemon)

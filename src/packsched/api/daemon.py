@@ -10,7 +10,6 @@ signal stops at once.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import secrets
 import signal
@@ -23,8 +22,15 @@ import anyio
 import uvicorn
 from starlette.types import ASGIApp
 
+from ..alloc.remote import AgentCluster
 from ..cluster.base import Cluster
-from ..config import ConfigError, DaemonConfig, LocalClusterConfig
+from ..config import (
+    ConfigError,
+    DaemonConfig,
+    LocalClusterConfig,
+    ProcessClusterConfig,
+    SlurmClusterConfig,
+)
 from ..errors import InvalidSpecError
 from ..log import get_logger
 from ..resources import Resources, parse_bytes, parse_cpu
@@ -98,6 +104,8 @@ def build_cluster(config: DaemonConfig) -> Cluster:
     cluster = config.cluster
     if isinstance(cluster, LocalClusterConfig):
         return _local_cluster(cluster)
+    if isinstance(cluster, ProcessClusterConfig | SlurmClusterConfig):
+        return _agent_cluster(config, cluster)
     from ..cluster.sim import SimCluster
 
     shapes = [s.to_shape(f"cluster.shapes[{i}]") for i, s in enumerate(cluster.shapes)]
@@ -107,6 +115,89 @@ def build_cluster(config: DaemonConfig) -> Cluster:
         default_duration=cluster.default_duration,
         max_allocs=cluster.max_allocs,
     )
+
+
+def _agent_cluster(
+    config: DaemonConfig, cfg: ProcessClusterConfig | SlurmClusterConfig
+) -> AgentCluster:
+    """A cluster whose allocs run `packsched agent`, with a token that survives restarts."""
+
+    def size(name: str, value: int | float | str | None, parse: Callable[..., Any]) -> Any:
+        try:
+            return None if value is None else parse(value, field=f"cluster.{name}")
+        except InvalidSpecError as exc:
+            raise ConfigError(str(exc)) from None
+
+    if cfg.agent_token:
+        token = cfg.agent_token
+    elif cfg.agent_token_file:
+        token = _read_token(Path(cfg.agent_token_file).expanduser(), "cluster.agent_token_file")
+    else:
+        token = _state_token(config.resolved_state_dir() / "agent-token", "agent token file")
+    if isinstance(cfg, SlurmClusterConfig):
+        from ..cluster.slurm import SlurmCluster
+
+        return SlurmCluster(
+            partition=cfg.partition,
+            account=cfg.account,
+            time_limit=cfg.time_limit,
+            extra_args=cfg.extra_args,
+            agent_command=cfg.agent_command,
+            agent_mem=size("agent_mem", cfg.agent_mem, parse_bytes),
+            work_root=cfg.work_root,
+            log_dir=cfg.log_dir,
+            disk=size("disk", cfg.disk, parse_bytes),
+            state_poll=cfg.state_poll,
+            lease=cfg.lease,
+            agent_token=token,
+            server_url=cfg.advertise_url,
+        )
+    from ..cluster.process import ProcessCluster
+    from ..stats.runtime import machine_capacity
+
+    work_root = Path(cfg.work_root).expanduser() if cfg.work_root else None
+    reserve = size("reserve_mem", cfg.reserve_mem, parse_bytes)
+    given = {
+        "cpu": size("cpu", cfg.cpu, parse_cpu),
+        "mem": size("mem", cfg.mem, parse_bytes),
+        "disk": size("disk", cfg.disk, parse_bytes),
+    }
+    capacity = None
+    if any(v is not None for v in given.values()):
+        import psutil
+
+        from ..cluster.local import default_reserve_mem, default_work_root
+
+        if reserve is None:
+            reserve = default_reserve_mem(psutil.virtual_memory().total)
+        probe = work_root or default_work_root()
+        measured = machine_capacity(reserve_mem=reserve, disk_path=probe)
+        capacity = Resources(
+            cpu=measured.cpu if given["cpu"] is None else given["cpu"],
+            mem=measured.mem if given["mem"] is None else given["mem"],
+            disk=measured.disk if given["disk"] is None else given["disk"],
+        )
+    return ProcessCluster(
+        capacity=capacity,
+        reserve_mem=reserve,
+        work_root=work_root,
+        lease=cfg.lease,
+        agent_token=token,
+        server_url=cfg.advertise_url,
+        kill_grace=cfg.kill_grace,
+    )
+
+
+def _state_token(path: Path, what: str) -> str:
+    """The token in `path`, created with a fresh random one (mode 0600) when missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_token(path, what)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return _read_token(path, what)
 
 
 def _local_cluster(cfg: LocalClusterConfig) -> Cluster:
@@ -145,12 +236,11 @@ def _local_cluster(cfg: LocalClusterConfig) -> Cluster:
     )
 
 
-def _metrics_app(scheduler: Scheduler) -> ASGIApp | None:
-    try:
-        prometheus = importlib.import_module("packsched.stats.prometheus")
-    except ModuleNotFoundError:  # the collector is optional until its module lands
-        return None
-    app: ASGIApp = prometheus.metrics_app(scheduler.stats)
+def _metrics_app(scheduler: Scheduler) -> ASGIApp:
+    from ..stats.prometheus import metrics_app
+
+    # Per-task rows are not exported by default, so the snapshot need not build them.
+    app: ASGIApp = metrics_app(lambda: scheduler.stats(include_tasks=False))
     return app
 
 
@@ -194,8 +284,18 @@ async def serve(config: DaemonConfig) -> None:
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     try:
+        if isinstance(cluster, AgentCluster):
+            # Before the scheduler resumes: agents must know where to call, and the cluster
+            # its shapes, when the store's allocs are re-attached.
+            await cluster.start(url)
         async with Scheduler(cluster, config=config.scheduler, store=store) as scheduler:
-            api = ApiServer(scheduler, config.server, token=token, metrics=_metrics_app(scheduler))
+            api = ApiServer(
+                scheduler,
+                config.server,
+                token=token,
+                metrics=_metrics_app(scheduler),
+                agent=cluster.agent_app() if isinstance(cluster, AgentCluster) else None,
+            )
             uv = _Uvicorn(
                 uvicorn.Config(
                     api.app,

@@ -128,13 +128,24 @@ def _endpoint(fn: Endpoint) -> Endpoint:
 class _BearerAuth:
     """ASGI middleware: every HTTP request outside `open_paths` must carry the bearer token."""
 
-    def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str,
+        open_paths: frozenset[str],
+        own_guard: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
         self.open_paths = open_paths
+        self.own_guard = own_guard  # path prefixes whose app checks its own token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+        if (
+            scope["type"] == "http"
+            and scope["path"] not in self.open_paths
+            and not scope["path"].startswith(self.own_guard)
+        ):
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(given, self.expected):
                 detail = ErrorDetail(
@@ -196,7 +207,11 @@ class ApiServer:
             routes.append(Mount("/v1/agent", agent))
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
         open_paths = {"/livez", "/readyz"} | (set() if config.metrics_auth else {"/metrics"})
-        self.app: ASGIApp = _BearerAuth(app, token, frozenset(open_paths)) if token else app
+        # The agent routes check the agent token themselves: agents never hold the users' token.
+        own_guard = ("/v1/agent/",) if agent is not None else ()
+        self.app: ASGIApp = (
+            _BearerAuth(app, token, frozenset(open_paths), own_guard) if token else app
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
