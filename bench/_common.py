@@ -24,14 +24,22 @@ def machine() -> str:
     )
 
 
-def timed(fn: Callable[[], T], repeats: int = 3) -> tuple[T, float]:
-    """Run fn `repeats` times; return its last result and the median wall time in seconds."""
+def timed(
+    fn: Callable[[], T], repeats: int = 3, *, max_seconds: float | None = None
+) -> tuple[T, float]:
+    """Run fn `repeats` times; return its last result and the median wall time in seconds.
+
+    With `max_seconds`, stop repeating once that much time has been spent (at least one run),
+    so that slow cases do not stretch a benchmark past its time budget.
+    """
     times: list[float] = []
     result: T
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
+        if max_seconds is not None and sum(times) >= max_seconds:
+            break
     return result, statistics.median(times)
 
 
@@ -68,9 +76,11 @@ def write_markdown(name: str, title: str, sections: Sequence[tuple[str, str]]) -
     RESULTS.mkdir(exist_ok=True)
     parts = [f"# {title}", "", f"Machine: {machine()}.", f"Command: `{' '.join(sys.argv)}`."]
     for heading, text in sections:
-        parts += ["", f"## {heading}" if heading else "", text]
+        if heading:
+            parts += ["", f"## {heading}"]
+        parts += ["", text]
     path = RESULTS / f"{name}.md"
-    path.write_text("\n".join(p for p in parts if p is not None) + "\n")
+    path.write_text("\n".join(parts) + "\n")
     return path
 
 

@@ -13,20 +13,26 @@ optional package (`pip install packsched[bench]`) print "skipped" when it is abs
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
+from typing import cast
 
 import msgspec
 from _common import markdown_table, ratio, text_table, timed, write_markdown
 
-from packsched.packing import Demand, first_fit_decreasing, lower_bound, pack
+from packsched.packing import Demand, Room, first_fit_decreasing, lower_bound, pack, place
 from packsched.resources import AllocShape, GiB, Resources
 
 REPEATS = 3
+# Stop repeating a measurement after this many seconds, to keep the whole run under 30 s.
+MAX_SECONDS = 1.5
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,53 @@ def _ffd(capacity: Resources, demands: list[Demand]) -> int:
     return len(first_fit_decreasing(demands, capacity))
 
 
+def _missing(module: str) -> Callable[[], str | None]:
+    def check() -> str | None:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f"{module} is not installed (pip install packsched[bench])"
+        return None
+
+    return check
+
+
+def _ray(capacity: Resources, demands: list[Demand]) -> int:
+    """Ray's autoscaler packer (`get_nodes_for` with its default utilization scorer).
+
+    This is the pure function the Ray autoscaler calls to choose nodes for pending demands;
+    no Ray cluster is started.
+    """
+    from ray.autoscaler._private.node_provider_availability_tracker import (
+        NodeAvailabilitySummary,
+    )
+    from ray.autoscaler._private.resource_demand_scheduler import (
+        _default_utilization_scorer,
+        get_nodes_for,
+    )
+
+    def as_ray(r: Resources) -> dict[str, float]:
+        out = {"CPU": r.cpu, "memory": r.mem, "GPU": r.gpu, "disk": r.disk, **r.extra}
+        return {k: float(v) for k, v in out.items() if v}
+
+    node_types = {"alloc": {"resources": as_ray(capacity), "max_workers": 10**9}}
+    summary = NodeAvailabilitySummary(node_availabilities={})
+    added, left = get_nodes_for(
+        node_types,
+        {},
+        "head",
+        10**9,
+        cast(list[dict[str, Real]], [as_ray(d.resources) for d in demands]),
+        functools.partial(_default_utilization_scorer, node_availability_summary=summary),
+    )
+    assert not left, "Ray left demands unpacked"
+    return sum(added.values())
+
+
 PACKERS: list[Packer] = [
     Packer("packsched", _packsched),
     Packer("ffd", _ffd),
+    Packer("ray", _ray, _missing("ray")),
 ]
 
 
@@ -127,6 +177,69 @@ FAMILIES: list[Callable[[random.Random], Instance]] = [
 ]
 
 
+# -- place() at scale ---------------------------------------------------------------------------
+
+
+def place_scenario(
+    kind: str, rng: random.Random, n: int = 100_000, m: int = 1000
+) -> tuple[list[Demand], list[Room]]:
+    """n waiting demands over m live allocs of three sizes (one with GPUs).
+
+    `busy`: every alloc has at most ~15% of its cpu free (the steady state: most demands fit
+    nowhere); `empty`: every alloc is free (a cold start fills them); `distinct`: busy allocs,
+    and every demand has its own resource vector, so nothing can be remembered per kind.
+    """
+    sizes = [
+        Resources(cpu=64, mem=256 * GiB, disk=500 * GiB),
+        Resources(cpu=32, mem=128 * GiB, disk=200 * GiB),
+        Resources(cpu=16, mem=128 * GiB, disk=100 * GiB, gpu=2),
+    ]
+    rooms = []
+    for i in range(m):
+        cap = sizes[i % len(sizes)]
+        free = cap
+        if kind != "empty":
+            free = Resources(
+                cpu=round(cap.cpu * rng.uniform(0, 0.15), 1),
+                mem=int(cap.mem * rng.uniform(0, 0.2)),
+                disk=cap.disk // 2,
+            )
+        rooms.append(Room(id=f"a{i:04}", capacity=cap, free=free))
+    kinds = [
+        Resources(cpu=c, mem=int(g * GiB), disk=GiB)
+        for c, g in [(1, 2), (2, 8), (4, 4), (0.5, 1), (8, 32), (1, 16)]
+    ]
+    demands = []
+    for i in range(n):
+        if kind == "distinct":
+            r = Resources(
+                cpu=round(rng.uniform(0.1, 8), 2), mem=int(rng.uniform(0.1, 32) * GiB), disk=GiB
+            )
+        else:
+            r = kinds[rng.randrange(len(kinds))]
+        demands.append(Demand(id=f"t{i:06}", resources=r, priority=rng.randint(0, 2), order=i))
+    return demands, rooms
+
+
+def place_table(seed: int) -> tuple[list[str], list[list[object]]]:
+    """Time one place() pass per scenario, with the cluster able to grow and not."""
+    headers = ["scenario", "demands", "allocs", "placed", "ms", "placed (no grow)", "ms (no grow)"]
+    rows: list[list[object]] = []
+    for k, kind in enumerate(["busy", "empty", "distinct"]):
+        demands, rooms = place_scenario(kind, random.Random(seed + k))
+        row: list[object] = [kind, len(demands), len(rooms)]
+        for can_grow in (True, False):
+            p, seconds = timed(
+                functools.partial(place, demands, rooms, can_grow=can_grow),
+                REPEATS,
+                max_seconds=MAX_SECONDS,
+            )
+            row += [len(p.assignments), f"{seconds * 1000:.0f}"]
+        rows.append(row)
+        print(f"  place {kind}: done", file=sys.stderr)
+    return headers, rows
+
+
 # -- running ------------------------------------------------------------------------------------
 
 
@@ -139,7 +252,11 @@ def measure(instance: Instance) -> tuple[int, dict[str, tuple[int, float] | str]
         if reason is not None:
             out[p.name] = "skipped"
             continue
-        out[p.name] = timed(lambda p=p: p.run(instance.capacity, instance.demands), REPEATS)  # type: ignore[misc]
+        out[p.name] = timed(
+            functools.partial(p.run, instance.capacity, instance.demands),
+            REPEATS,
+            max_seconds=MAX_SECONDS,
+        )
     return bound, out
 
 
@@ -169,13 +286,28 @@ def report(seed: int) -> None:
         rows.append(row + times)
         print(f"  {instance.family}: done", file=sys.stderr)
     print(text_table(headers, rows))
+    place_headers, place_rows = place_table(seed)
+    print()
+    print(text_table(place_headers, place_rows))
     notes = (
         f"Allocs used per packer (identical allocs per family), seed {seed}; times are the "
         f"median of {REPEATS} runs. Ratios below 1 in packsched/ffd mean fewer allocs than "
-        "first-fit-decreasing."
+        "first-fit-decreasing. `ray` is the Ray autoscaler's `get_nodes_for` with its default "
+        "utilization scorer (skipped when Ray is not installed)."
+    )
+    place_notes = (
+        "One `place()` pass over 100k waiting demands and 1k live allocs (target: under "
+        "1000 ms); `no grow` is `can_grow=False`, where demands that fit nowhere hold allocs. "
+        "`busy`: allocs mostly full; `empty`: a cold start; `distinct`: busy, and no two "
+        "demands alike."
     )
     path = write_markdown(
-        "packing", "Offline packing", [("", notes), ("", markdown_table(headers, rows))]
+        "packing",
+        "Packing",
+        [
+            ("Offline packer: allocs used", notes + "\n\n" + markdown_table(headers, rows)),
+            ("place(): one pass", place_notes + "\n\n" + markdown_table(place_headers, place_rows)),
+        ],
     )
     print(f"\nwritten to {path}")
 

@@ -633,17 +633,23 @@ def _pack(
                 pool = [i for i in pool if i not in gone]
         while pool and (max_bins is None or len(bins) < max_bins):
             first, rest = pool[0], pool[1:]
+            shapes = [j for j, cap in enumerate(menu.cap) if _fits(vecs[first], cap)]
+            # With several shapes, a quick search in each picks the shape, then the full search
+            # fills it: the full one in every shape would multiply plan()'s time by the menu.
+            quick = _SEARCH_BUDGET // 10 if len(shapes) > 1 else _SEARCH_BUDGET
             best: tuple[float, float, int, list[int]] | None = None
-            for j, cap in enumerate(menu.cap):
-                if not _fits(vecs[first], cap):
-                    continue
-                room = [c - x for c, x in zip(cap, vecs[first], strict=True)]
-                taken = _fill(room, rest, vecs, size, menu.w)
+            for j in shapes:
+                room = [c - x for c, x in zip(menu.cap[j], vecs[first], strict=True)]
+                taken = _fill(room, rest, vecs, size, menu.w, quick)
                 packed = size[first] + sum(size[i] for i in taken)
                 cost = menu.price[j] / packed if packed > 0 else menu.price[j]
                 cand = (cost, -menu.size[j], j, taken)
                 if best is None or cand[:3] < best[:3]:
                     best = cand
+            if best is not None and quick < _SEARCH_BUDGET:
+                j = best[2]
+                room = [c - x for c, x in zip(menu.cap[j], vecs[first], strict=True)]
+                best = (*best[:3], _fill(room, rest, vecs, size, menu.w))
             assert best is not None  # the pool only holds items some shape can hold
             bin_ = _Bin(best[2], menu.cap[best[2]])
             _put(bin_, [first, *best[3]], vecs)
@@ -791,9 +797,12 @@ def plan(
     used = [False] * len(pending)
     rest: list[int] = []
     failed: set[_Vec] = set()
+    # Per dimension, the most any pending request has left: a quick test that turns away
+    # most demands without looking at each request.
+    top = [max(col, default=0.0) for col in zip(*room, strict=True)] if room else []
     for i, d in enumerate(vecs):
         best: tuple[float, str, int] | None = None
-        if d not in failed:
+        if room and d not in failed and _fits(d, top):
             for j, free in enumerate(room):
                 if _fits(d, free):
                     cand = (_dot(weights[j], free) - _dot(weights[j], d), pending[j].id, j)
@@ -805,6 +814,7 @@ def plan(
             continue
         j = best[2]
         room[j] = [f - x for f, x in zip(room[j], d, strict=True)]
+        top = [max(col) for col in zip(*room, strict=True)]
         used[j] = True
         covered.append(ordered[i].id)
     cancel = [p.id for p, u in zip(pending, used, strict=True) if not u]
