@@ -182,3 +182,19 @@ async def test_prune_deletes_old_settled_tasks_and_their_attempts(store: Store) 
     assert await store.error_tasks_older_than(1e9) == []
     assert [a.id for a in await store.load_allocs()] == ["live"]
     assert await store.prune(500.0) == 0
+
+
+async def test_large_odd_sized_batches_round_trip(store: Store) -> None:
+    """Batches of any size (here 777 and then 300 of them again) are stored whole."""
+    await store.write(
+        StoreBatch(
+            tasks=[make_task(n) for n in range(777)],
+            attempts=[make_attempt(n, finished_at=float(n)) for n in range(777)],
+        )
+    )
+    await store.write(StoreBatch(tasks=[make_task(n, S.COMPLETE) for n in range(300)]))
+    tasks = await store.load_tasks()
+    assert [t.seq for t in tasks] == list(range(777))
+    assert [t.state for t in tasks] == [S.COMPLETE] * 300 + [S.WAITING] * 477
+    history = await store.history(HistoryQuery())
+    assert [a.task_id for a in history] == [task_id(n) for n in range(777)]

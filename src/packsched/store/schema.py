@@ -63,10 +63,11 @@ def _v1_initial(conn: sqlite3.Connection) -> None:
             data BLOB NOT NULL,
             PRIMARY KEY (task_id, attempt)
         );
+        -- No index on state alone: a state filter rides on one of these (each index costs
+        -- every attempt's insert, and history by state alone is rare).
         CREATE INDEX attempts_ended ON attempts (ended_at);
         CREATE INDEX attempts_kind ON attempts (kind, ended_at) WHERE kind IS NOT NULL;
         CREATE INDEX attempts_run ON attempts (run, ended_at) WHERE run IS NOT NULL;
-        CREATE INDEX attempts_state ON attempts (state, ended_at);
 
         CREATE TABLE allocs (
             id TEXT PRIMARY KEY,
