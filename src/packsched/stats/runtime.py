@@ -165,7 +165,7 @@ class TreeSampler:
                 with contextlib.suppress(OSError):
                     if pid != self.pid and os.getsid(pid) == self.session:
                         pids.append(pid)
-        if self._root is not None and (self.session is None or self.samples % 25 == 1):
+        if self._root is not None and (self.session is None or self.samples % 25 == 0):
             with contextlib.suppress(psutil.Error):
                 pids.extend(child.pid for child in self._root.children(recursive=True))
         for pid in pids:
