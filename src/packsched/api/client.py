@@ -13,6 +13,7 @@ returns the task the first attempt created.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -293,7 +294,7 @@ class _Calls:
 
     @staticmethod
     def stats() -> _Call[StatsSnapshot]:
-        return _Call("GET", "/v1/stats", _decoder(StatsSnapshot))
+        return _Call("GET", "/v1/stats", _decode_stats)
 
     @staticmethod
     def history(**query: Any) -> _Call[list[Attempt]]:
@@ -301,6 +302,15 @@ class _Calls:
         return _Call(
             "GET", "/v1/history", lambda b: _decoder(HistoryResponse)(b).attempts, params=params
         )
+
+
+def _decode_stats(content: bytes) -> StatsSnapshot:
+    """JSON has no infinity: a histogram's last bound (+Inf) arrives as null and is restored."""
+    raw = msgspec.json.decode(content)
+    for histogram in (raw.get("counters") or {}).values():
+        if isinstance(histogram, dict) and isinstance(histogram.get("bounds"), list):
+            histogram["bounds"] = [math.inf if b is None else b for b in histogram["bounds"]]
+    return msgspec.convert(raw, StatsSnapshot)
 
 
 def _quote(segment: str) -> str:

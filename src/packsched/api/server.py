@@ -206,6 +206,8 @@ class ApiServer:
         if agent is not None:
             routes.append(Mount("/v1/agent", agent))
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
+        # Exact paths only: no 307 from /metrics/ to /metrics (scrapers and clients see 404).
+        app.router.redirect_slashes = False
         open_paths = {"/livez", "/readyz"} | (set() if config.metrics_auth else {"/metrics"})
         # The agent routes check the agent token themselves: agents never hold the users' token.
         own_guard = ("/v1/agent/",) if agent is not None else ()
