@@ -8,15 +8,19 @@ apart with the executions the child logs on the cluster side.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
 import pytest
+from anyio.abc import Process
 
 from packsched.store import HistoryQuery, SQLiteStore
 from packsched.task import TaskState
@@ -27,6 +31,30 @@ KILLS = 12
 S = TaskState
 
 
+Moment = Callable[["Child"], Awaitable[None]]
+
+
+def after_seconds(seconds: float) -> Moment:
+    """A kill moment this long after the child was spawned (start-up, resume, submits)."""
+
+    async def moment(_: Child) -> None:
+        await anyio.sleep(seconds)
+
+    return moment
+
+
+def after_executions(count: int) -> Moment:
+    """A kill moment once the child has run `count` more tasks: in the thick of the work,
+    however fast or slow this machine is today."""
+
+    async def moment(child: Child) -> None:
+        target = child.executed() + count
+        while child.executed() < target:  # noqa: ASYNC110 - polling a file, bounded by run()
+            await anyio.sleep(0.005)
+
+    return moment
+
+
 class Child:
     """One run of the child process, its output captured in a file."""
 
@@ -35,21 +63,33 @@ class Child:
         self.executions = workdir / "executions.txt"
         self.output = workdir / f"child-{run}.out"
 
-    async def run(self, kill_after: float | None, *, timeout: float = 60) -> bool:
-        """Run the child; SIGKILL it after `kill_after` seconds. True if it was killed."""
+    def executed(self) -> int:
+        """Executions logged so far, by every run."""
+        try:
+            return self.executions.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    async def run(self, moment: Moment | None, *, timeout: float = 120) -> bool:
+        """Run the child until it exits, or SIGKILL it at `moment`. True if it was killed."""
         command = [sys.executable, str(CHILD), str(self.store), str(self.executions), str(TASKS)]
         with self.output.open("wb") as out:
             process = await anyio.open_process(command, stdout=out, stderr=subprocess.STDOUT)
-            async with process:
-                with anyio.move_on_after(kill_after if kill_after is not None else timeout):
-                    await process.wait()
-                killed = process.returncode is None
-                if killed:
-                    process.kill()  # SIGKILL: no cleanup of any kind runs in the child
-                    await process.wait()
-        if not killed:
+            async with process, anyio.create_task_group() as tg:
+                tg.start_soon(self._kill_at, process, moment, timeout)
+                await process.wait()
+                tg.cancel_scope.cancel()
+        killed = process.returncode == -signal.SIGKILL
+        if moment is None or not killed:
             assert process.returncode == 0, self.output.read_text()
-        return killed and kill_after is not None
+        return killed
+
+    async def _kill_at(self, process: Process, moment: Moment | None, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            await (moment(self) if moment is not None else anyio.sleep_forever())
+        # SIGKILL: no cleanup of any kind runs in the child. It may have just exited.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
 
     def accepted(self) -> int:
         """How many tasks the child's submits had returned (accepted) before it died."""
@@ -80,15 +120,20 @@ async def test_sigkill_loses_nothing_and_reruns_nothing_completed(tmp_path: Path
             f"the child kept finishing before it could be killed (seed {seed})"
         )
         child = Child(tmp_path, runs)
-        # From spawn: the kill lands in start-up, resume, the submits or the run, at random.
-        if await child.run(kill_after=rng.uniform(0.2, 1.5)):
+        # A quarter of the kills land in start-up, resume or the submits; the rest while tasks
+        # run and finish. At most 400 executions a run, so the work outlasts the kills.
+        if rng.random() < 0.25:
+            moment = after_seconds(rng.uniform(0.05, 0.8))
+        else:
+            moment = after_executions(rng.randint(1, 400))
+        if await child.run(moment):
             kills += 1
         accepted = child.accepted()
         missing = {f"task-{i}" for i in range(accepted)} - await stored_keys(child.store)
         assert not missing, f"accepted tasks lost after a kill (seed {seed}): {sorted(missing)[:5]}"
 
     final = Child(tmp_path, runs + 1)
-    assert not await final.run(kill_after=None)
+    assert not await final.run(None)
     assert f"finished [('complete', {TASKS})]" in final.output.read_text()
 
     store = SQLiteStore(final.store)
@@ -123,5 +168,6 @@ async def test_sigkill_loses_nothing_and_reruns_nothing_completed(tmp_path: Path
             *((n, S.LOST) for n in range(task.attempt)),
             (task.attempt, S.COMPLETE),
         ], task.id
+    # Re-runs of tasks whose COMPLETE the store never got (killed in between): allowed.
     reruns = len(executed) - TASKS
     print(f"seed {seed}: {kills} kills in {runs} runs, {reruns} legitimate re-runs")
