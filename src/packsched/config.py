@@ -39,6 +39,7 @@ __all__ = [
     "ClusterConfig",
     "ConfigError",
     "DaemonConfig",
+    "KubernetesClusterConfig",
     "LocalClusterConfig",
     "LogConfig",
     "ProcessClusterConfig",
@@ -209,7 +210,50 @@ class SlurmClusterConfig(
     state_poll: float = 1.0
 
 
-ClusterConfig = LocalClusterConfig | SimClusterConfig | ProcessClusterConfig | SlurmClusterConfig
+class KubernetesClusterConfig(
+    AgentClusterFields,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    tag="kubernetes",
+    tag_field="kind",
+):
+    """Each alloc is a pod running `packsched agent` (needs the `kubernetes` extra).
+
+    `shapes` empty means one shape per distinct node allocatable; `overhead_*` is what the
+    agent itself is given beyond its tasks. `advertise_url` must be an address pods can reach
+    (the daemon's Service). See `KubernetesCluster` for the rest.
+    """
+
+    image: str
+    namespace: str | None = None
+    kubeconfig: str | None = None
+    context: str | None = None
+    in_cluster: bool | None = None
+    agent_command: list[str] = msgspec.field(default_factory=lambda: ["packsched", "agent"])
+    shapes: list[SimShapeConfig] = []
+    overhead_cpu: float | str = 0.1
+    overhead_mem: int | str = "256MiB"
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    service_account: str | None = None
+    image_pull_policy: str | None = None
+    pod_overrides: dict[str, Any] = {}
+    container_overrides: dict[str, Any] = {}
+    token_secret: bool = True
+    termination_grace: float = 30.0
+    name: str = "packsched"
+
+
+ClusterConfig = (
+    LocalClusterConfig
+    | SimClusterConfig
+    | ProcessClusterConfig
+    | SlurmClusterConfig
+    | KubernetesClusterConfig
+)
 
 
 class LogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

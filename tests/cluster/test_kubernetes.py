@@ -15,10 +15,13 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 
 from packsched import GiB, MiB, Resources, Scheduler, SchedulerConfig, TaskSpec, TaskState
 from packsched.alloc.remote import LeaseConfig, RemoteAlloc
+from packsched.api.client import AsyncClient
 from packsched.cluster.kubernetes import (
     ALLOC_ID_LABEL,
     MANAGED_BY_LABEL,
@@ -34,11 +37,11 @@ from packsched.cluster.kubernetes import (
 )
 from packsched.errors import AllocationError
 from packsched.packing import Demand, lower_bound
-from packsched.resources import AllocShape, Requirements
+from packsched.resources import AllocShape, Requirements, TiB
 from packsched.store.base import HistoryQuery
 
 from ..conftest import hosted
-from .agents import count_lines, serve_agents, wait_for
+from .agents import count_lines, free_port, serve_agents, start_daemon, stop_daemon, wait_for
 from .fake_kube import FakeKube, default_node
 
 AGENT = (sys.executable, "-m", "packsched.agent")
@@ -544,6 +547,114 @@ async def test_sigkilled_agent_loses_its_tasks_and_they_complete_elsewhere(
 ) -> None:
     """SIGKILL of a pod's agent: the pod fails, its tasks are LOST and COMPLETE elsewhere."""
     await _lose_an_alloc(kube, tmp_path, "sigkill")
+
+
+# -- the daemon: SIGKILL and restart ---------------------------------------------------------
+
+
+async def wait_running(client: AsyncClient, task_id: str) -> None:
+    """Poll the daemon until the task is RUNNING there (durable: the store says so)."""
+    with anyio.fail_after(30):
+        while (await client.get(task_id)).state is not TaskState.RUNNING:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+
+
+async def test_daemon_sigkill_and_restart_reattaches_running_pods(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    """SIGKILL of the daemon while pods run tasks, then a restart: the pods' agents come back,
+    their running tasks are re-attached and finish once, never run again."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    runs = tmp_path / "runs"
+    kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    agent = ", ".join(f'"{part}"' for part in AGENT)
+    config = tmp_path / "packsched.toml"
+    config.write_text(
+        f"""
+state_dir = "{tmp_path / "state"}"
+[server]
+port = {port}
+token = "user-token"
+[cluster]
+kind = "kubernetes"
+image = "packsched:test"
+kubeconfig = "{kubeconfig}"
+agent_command = [{agent}]
+termination_grace = 2
+[[cluster.shapes]]
+cpu = 2
+mem = "1GiB"
+[cluster.lease]
+heartbeat_interval = 0.2
+reattach_grace = 15
+[scheduler]
+keepalive_interval = 0.1
+max_alloc_idle_time = 30
+[scheduler.min_alloc]
+cpu = 1
+mem = "128MiB"
+"""
+    )
+    log = tmp_path / "daemon.log"
+    daemon = await start_daemon(config, log, url)
+    try:
+        async with AsyncClient(url, "user-token") as client:
+            tasks = await client.submit(
+                [
+                    TaskSpec(command=counting(runs, 4), resources=Resources(cpu=1, mem=64 * MiB))
+                    for _ in range(2)
+                ]
+            )
+            ids = [t.id for t in tasks]
+            await wait_for(lambda: len(count_lines(runs)) == 2, 60, "both tasks to start")
+            for task_id in ids:
+                await wait_running(client, task_id)
+        pods = {p.name for p in kube.live_pods()}
+        daemon.kill()
+        await anyio.to_thread.run_sync(daemon.wait)
+        daemon = await start_daemon(config, log, url)
+        async with AsyncClient(url, "user-token") as client:
+            done = [await client.wait(task_id, timeout=60) for task_id in ids]
+        assert [t.state for t in done] == [TaskState.COMPLETE] * 2, [t.error for t in done]
+        assert [(t.attempt, t.lost_count) for t in done] == [(0, 0), (0, 0)]
+        assert count_lines(runs) == dict.fromkeys(ids, 1)
+        assert {pod_name(t.alloc_id or "") for t in done} <= pods  # finished where they ran
+    finally:
+        await stop_daemon(daemon)
+    await wait_for(lambda: not kube.live_pods(), 30, "the drained daemon to delete its pods")
+
+
+def test_daemon_config_builds_a_kubernetes_cluster(tmp_path: Path) -> None:
+    """`kind = "kubernetes"` in the daemon config builds a KubernetesCluster; a bad size or an
+    unknown key is a ConfigError naming it."""
+    from packsched.api.daemon import build_cluster
+    from packsched.config import ConfigError, load_config
+
+    config = tmp_path / "packsched.toml"
+    base = f"""
+state_dir = "{tmp_path / "state"}"
+[cluster]
+kind = "kubernetes"
+image = "registry.example/packsched:1"
+namespace = "batch"
+node_selector = {{ pool = "batch" }}
+tolerations = [{{ key = "batch", operator = "Exists" }}]
+pod_overrides = {{ spec = {{ priorityClassName = "low" }} }}
+advertise_url = "http://packsched.batch.svc:8000"
+"""
+    config.write_text(base + '[[cluster.shapes]]\ncpu = 4\nmem = "16GiB"\n')
+    cluster = build_cluster(load_config(config, environ={}))
+    assert isinstance(cluster, KubernetesCluster)
+    assert cluster.namespace == "batch" and cluster.node_selector == {"pool": "batch"}
+    assert cluster.server_url == "http://packsched.batch.svc:8000"
+    assert [s.resources for s in cluster.shapes()] == [Resources(cpu=4, mem=16 * GiB, disk=TiB)]
+    config.write_text(base + 'overhead_mem = "lots"\n')
+    with pytest.raises(ConfigError, match=r"cluster\.overhead_mem"):
+        build_cluster(load_config(config, environ={}))
+    config.write_text(base + "imagee = 1\n")
+    with pytest.raises(ConfigError, match="imagee"):
+        load_config(config, environ={})
 
 
 # -- a real cluster ---------------------------------------------------------------------------

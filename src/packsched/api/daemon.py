@@ -27,6 +27,7 @@ from ..cluster.base import Cluster
 from ..config import (
     ConfigError,
     DaemonConfig,
+    KubernetesClusterConfig,
     LocalClusterConfig,
     ProcessClusterConfig,
     SlurmClusterConfig,
@@ -104,7 +105,7 @@ def build_cluster(config: DaemonConfig) -> Cluster:
     cluster = config.cluster
     if isinstance(cluster, LocalClusterConfig):
         return _local_cluster(cluster)
-    if isinstance(cluster, ProcessClusterConfig | SlurmClusterConfig):
+    if isinstance(cluster, ProcessClusterConfig | SlurmClusterConfig | KubernetesClusterConfig):
         return _agent_cluster(config, cluster)
     from ..cluster.sim import SimCluster
 
@@ -118,7 +119,8 @@ def build_cluster(config: DaemonConfig) -> Cluster:
 
 
 def _agent_cluster(
-    config: DaemonConfig, cfg: ProcessClusterConfig | SlurmClusterConfig
+    config: DaemonConfig,
+    cfg: ProcessClusterConfig | SlurmClusterConfig | KubernetesClusterConfig,
 ) -> AgentCluster:
     """A cluster whose allocs run `packsched agent`, with a token that survives restarts."""
 
@@ -134,6 +136,8 @@ def _agent_cluster(
         token = _read_token(Path(cfg.agent_token_file).expanduser(), "cluster.agent_token_file")
     else:
         token = _state_token(config.resolved_state_dir() / "agent-token", "agent token file")
+    if isinstance(cfg, KubernetesClusterConfig):
+        return _kubernetes_cluster(cfg, token)
     if isinstance(cfg, SlurmClusterConfig):
         from ..cluster.slurm import SlurmCluster
 
@@ -186,6 +190,52 @@ def _agent_cluster(
         server_url=cfg.advertise_url,
         kill_grace=cfg.kill_grace,
     )
+
+
+def _kubernetes_cluster(cfg: KubernetesClusterConfig, token: str) -> AgentCluster:
+    """A KubernetesCluster from its config section (bad sizes raise `ConfigError`)."""
+    from ..cluster.kubernetes import KubernetesCluster
+
+    try:
+        shapes = [s.to_shape(f"cluster.shapes[{i}]") for i, s in enumerate(cfg.shapes)]
+        overhead = Resources(
+            cpu=parse_cpu(cfg.overhead_cpu, field="cluster.overhead_cpu"),
+            mem=parse_bytes(cfg.overhead_mem, field="cluster.overhead_mem"),
+        )
+        return KubernetesCluster(
+            cfg.image,
+            namespace=cfg.namespace,
+            kubeconfig=cfg.kubeconfig,
+            context=cfg.context,
+            in_cluster=cfg.in_cluster,
+            server_url=cfg.advertise_url,
+            agent_command=cfg.agent_command,
+            shapes=shapes or None,
+            overhead=overhead,
+            labels=cfg.labels,
+            annotations=cfg.annotations,
+            node_selector=cfg.node_selector,
+            tolerations=cfg.tolerations,
+            service_account=cfg.service_account,
+            image_pull_policy=cfg.image_pull_policy,
+            pod_overrides=cfg.pod_overrides,
+            container_overrides=cfg.container_overrides,
+            token_secret=cfg.token_secret,
+            termination_grace=cfg.termination_grace,
+            name=cfg.name,
+            lease=cfg.lease,
+            agent_token=token,
+        )
+    except (InvalidSpecError, ValueError) as exc:
+        raise ConfigError(f"cluster: {exc}") from None
+
+
+def _entered(cluster: Cluster) -> contextlib.AbstractAsyncContextManager[object]:
+    """The cluster itself when it is an async context manager, which it is to run a watch of
+    its allocs while entered (KubernetesCluster); else nothing to enter."""
+    if isinstance(cluster, contextlib.AbstractAsyncContextManager):
+        return cluster
+    return contextlib.nullcontext()
 
 
 def _state_token(path: Path, what: str) -> str:
@@ -288,7 +338,10 @@ async def serve(config: DaemonConfig) -> None:
             # Before the scheduler resumes: agents must know where to call, and the cluster
             # its shapes, when the store's allocs are re-attached.
             await cluster.start(url)
-        async with Scheduler(cluster, config=config.scheduler, store=store) as scheduler:
+        async with (
+            _entered(cluster),
+            Scheduler(cluster, config=config.scheduler, store=store) as scheduler,
+        ):
             api = ApiServer(
                 scheduler,
                 config.server,
