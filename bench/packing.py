@@ -78,10 +78,11 @@ def _ray(capacity: Resources, demands: list[Demand]) -> int:
     This is the pure function the Ray autoscaler calls to choose nodes for pending demands;
     no Ray cluster is started.
     """
-    from ray.autoscaler._private.node_provider_availability_tracker import (
+    # Ray is optional (the `bench` extra): without it, mypy must not fail on these imports.
+    from ray.autoscaler._private.node_provider_availability_tracker import (  # type: ignore[import-not-found, unused-ignore]
         NodeAvailabilitySummary,
     )
-    from ray.autoscaler._private.resource_demand_scheduler import (
+    from ray.autoscaler._private.resource_demand_scheduler import (  # type: ignore[import-not-found, unused-ignore]
         _default_utilization_scorer,
         get_nodes_for,
     )
@@ -323,6 +324,10 @@ def run_file(path: Path) -> None:
         data = msgspec.json.decode(path.read_bytes(), type=_InstanceFile)
     except msgspec.ValidationError as e:
         raise SystemExit(f"{path}: {e}") from None
+    for i, r in enumerate(data.demands):
+        if not r.fits_in(data.capacity):
+            too_big = ", ".join(r.exceeding(data.capacity))
+            raise SystemExit(f"{path}: $.demands[{i}] does not fit the capacity ({too_big})")
     demands = [Demand(id=f"d{i}", resources=r) for i, r in enumerate(data.demands)]
     out: dict[str, int | str] = {"lower_bound": lower_bound(demands, data.capacity)}
     for p in PACKERS:

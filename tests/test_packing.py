@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -146,7 +147,7 @@ def check_placement(ds: list[Demand], rs: list[Room], p: Placement) -> None:
                 assert key(by_id[did]) < key(holder), "a later demand took a reserved room"
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(demands(), rooms(), st.booleans())
 def test_place_invariants(ds: list[Demand], rs: list[Room], can_grow: bool) -> None:
     """Placements fit, never oversubscribe, respect priority and reservations, each demand once."""
@@ -156,7 +157,7 @@ def test_place_invariants(ds: list[Demand], rs: list[Room], can_grow: bool) -> N
         assert p.reserved == {}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(demands(), rooms(), st.booleans(), st.randoms(use_true_random=False))
 def test_place_is_deterministic(
     ds: list[Demand], rs: list[Room], can_grow: bool, rnd: random.Random
@@ -169,7 +170,7 @@ def test_place_is_deterministic(
     assert place(ds2, rs2, can_grow=can_grow) == first
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(demands(), rooms())
 def test_place_is_best_fit(ds: list[Demand], rs: list[Room]) -> None:
     """Without durations, each demand goes where it leaves the least normalised slack."""
@@ -191,9 +192,9 @@ def test_place_is_best_fit(ds: list[Demand], rs: list[Room]) -> None:
         free[rid] = free[rid] - d
 
 
-@settings(max_examples=60, deadline=None)
-@given(demands(), rooms())
-def test_place_without_rooms_places_nothing(ds: list[Demand], rs: list[Room]) -> None:
+@settings(max_examples=20, deadline=None)
+@given(demands())
+def test_place_without_rooms_places_nothing(ds: list[Demand]) -> None:
     """With no room at all, every demand is unplaced, in order."""
     p = place(ds, [])
     assert p.assignments == []
@@ -417,7 +418,7 @@ def test_demands_no_shape_holds_are_left_out() -> None:
     assert len(out.requests) == 1
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     demands(),
     st.lists(st.builds(Requirements, min=resources(), width=st.integers(0, 2)), max_size=3),
@@ -445,10 +446,46 @@ def test_plan_invariants(
     assert plan(ds, pending, shapes, min_alloc=MIN_ALLOC, max_new=max_new) == out
 
 
+def test_plan_considers_only_what_max_new_allocs_could_hold() -> None:
+    """With 5000 waiting demands and one request allowed, plan covers one alloc's worth."""
+    ds = [Demand(id=f"t{i:04}", resources=res(cpu=1, mem=1), order=i) for i in range(5000)]
+    shape = AllocShape(resources=res(cpu=16, mem=64, disk=10))
+    out = plan(ds, [], [shape], min_alloc=MIN_ALLOC, max_new=1)
+    assert len(out.requests) == 1
+    assert out.covered == [f"t{i:04}" for i in range(16)]  # the 16 most urgent
+    assert out.requests[0].min == res(cpu=16, mem=16, disk=1)
+
+
+def test_pending_requests_fill_in_priority_order() -> None:
+    """The most urgent demands are the ones a pending request is counted for."""
+    ds = [
+        Demand(id="low", resources=res(cpu=2, mem=2), priority=3),
+        Demand(id="high", resources=res(cpu=2, mem=2), priority=0),
+    ]
+    pending = [PendingRequest(id="p", requirements=Requirements(min=res(cpu=2, mem=2)))]
+    shape = AllocShape(resources=res(cpu=2, mem=2))
+    out = plan(ds, pending, [shape], min_alloc=Resources(), max_new=1)
+    assert out.covered == ["high", "low"]
+    assert out.requests == [Requirements(min=res(cpu=2, mem=2))]
+
+
+def test_each_new_request_is_counted_by_the_next_plan() -> None:
+    """Re-planning with the requests just made as pending asks for nothing more."""
+    ds = [Demand(id=f"t{i}", resources=res(cpu=3, mem=5), order=i) for i in range(10)]
+    shapes = [AllocShape(resources=res(cpu=8, mem=16, disk=4))]
+    first = plan(ds, [], shapes, min_alloc=MIN_ALLOC, max_new=5)
+    assert len(first.requests) == 5
+    pending = [PendingRequest(id=f"p{i}", requirements=r) for i, r in enumerate(first.requests)]
+    again = plan(ds, pending, shapes, min_alloc=MIN_ALLOC, max_new=5)
+    assert again.requests == []
+    assert again.cancel == []
+    assert sorted(again.covered) == sorted(d.id for d in ds)
+
+
 # -- the offline packer ------------------------------------------------------------------------
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(demands(max_size=40), shapes_menus, st.one_of(st.none(), st.integers(0, 5)))
 def test_pack_invariants(ds: list[Demand], shapes: list[AllocShape], max_bins: int | None) -> None:
     """Every bin holds its content, each demand is packed at most once, all of them if allowed."""
@@ -468,7 +505,7 @@ def test_pack_invariants(ds: list[Demand], shapes: list[AllocShape], max_bins: i
     assert pack(list(reversed(ds)), shapes, max_bins=max_bins) == bins
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(demands(max_size=40))
 def test_pack_against_bounds(ds: list[Demand]) -> None:
     """With one shape, no packer beats the lower bound, and both pack everything."""
@@ -489,6 +526,16 @@ def test_lower_bound() -> None:
     assert lower_bound(ds, res(cpu=4, mem=4)) == 4
     assert lower_bound([], res(cpu=4)) == 0
     assert lower_bound([Demand(id="z", resources=Resources())], res(cpu=4)) == 1
+    with pytest.raises(ValueError, match="lacks"):
+        lower_bound([Demand(id="g", resources=res(gpu=1))], res(cpu=4))
+
+
+def test_first_fit_decreasing_baseline() -> None:
+    """The baseline puts each demand, largest first, into the first bin it fits."""
+    ds = [Demand(id=f"i{k}", resources=res(cpu=s)) for k, s in enumerate([2, 5, 4, 7, 1, 3])]
+    bins = first_fit_decreasing(ds, res(cpu=10))
+    assert [b.demand_ids for b in bins] == [("i3", "i5"), ("i1", "i2", "i4"), ("i0",)]
+    assert [b.used.cpu for b in bins] == [10, 10, 2]
 
 
 def test_triplets_pack_optimally() -> None:
@@ -580,7 +627,7 @@ def test_place_matches_reference_on_many_rooms() -> None:
         res(cpu=16, mem=64, gpu=2),
     ]
     kinds = [res(cpu=1, mem=2), res(cpu=4, mem=8, disk=1), res(cpu=2, mem=16), res(cpu=1, gpu=1)]
-    for seed in range(4):
+    for seed in range(2):
         rng = random.Random(seed)
         rs = []
         for i in range(90):
