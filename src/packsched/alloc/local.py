@@ -167,12 +167,12 @@ class LocalExecutor:
             raise
         proc = spawned.proc
         assert proc is not None
-        started()
-        return await self._supervise(task, spawned, proc, work_dir, start, marker)
+        return await self._supervise(task, started, spawned, proc, work_dir, start, marker)
 
     async def _supervise(
         self,
         task: Task,
+        started: StartedCallback,
         spawned: _Spawned,
         proc: subprocess.Popen[bytes],
         work_dir: Path,
@@ -184,6 +184,7 @@ class LocalExecutor:
         exited_at = 0.0
         timed_out = False
         try:
+            started()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._sample_loop, sampler, spawned.t0)
                 with anyio.move_on_after(task.spec.timeout) as scope:
@@ -200,11 +201,36 @@ class LocalExecutor:
             with anyio.CancelScope(shield=True):
                 await self._kill(spawned, sampler, marker, work_dir)
             raise
-        await self._run_sync(_final_sample, sampler)  # last look: disk and lingering children
-        status, rusage = _reap(proc)
+        return await self._conclude(
+            task, spawned, proc, sampler, work_dir, start, marker, exited_at, timed_out
+        )
+
+    async def _conclude(
+        self,
+        task: Task,
+        spawned: _Spawned,
+        proc: subprocess.Popen[bytes],
+        sampler: TreeSampler,
+        work_dir: Path,
+        start: RuntimeStatistics,
+        marker: str,
+        exited_at: float,
+        timed_out: bool,
+    ) -> TaskResult:
+        """Reap the ended command, end its leftovers, and build its result.
+
+        What is left is bounded and must happen even if a kill arrives now (the zombie reaped,
+        leftovers ended, the dir handled), so it runs shielded.
+        """
+        with anyio.CancelScope(shield=True):
+            await self._run_sync(_final_sample, sampler)  # last look: disk and lingering children
+            status, rusage = _reap(proc)
+            await self._end_leftovers(spawned, sampler, marker)
+            stdout_tail, stderr_tail = await anyio.to_thread.run_sync(
+                _tails, work_dir, self.config.tail_bytes
+            )
         cpu = rusage.ru_utime + rusage.ru_stime if rusage else 0.0
         maxrss = rusage.ru_maxrss * 1024 if rusage else 0  # Linux reports KiB
-        await self._end_leftovers(spawned, sampler, marker)
         stats = sampler.finish(
             duration=exited_at - spawned.t0,
             rusage_cpu=cpu,
@@ -222,10 +248,8 @@ class LocalExecutor:
                     code="exit-status", message=_exit_message(task, status, stats, work_dir, keep)
                 )
             )
-        stdout_tail, stderr_tail = await anyio.to_thread.run_sync(
-            _tails, work_dir, self.config.tail_bytes
-        )
-        await self._finish_dir(work_dir, failed=bool(errors))
+        with anyio.CancelScope(shield=True):
+            await self._finish_dir(work_dir, failed=bool(errors))
         return TaskResult(
             exit_code=status,
             output=TaskOutput(runtime_statistics=stats, errors=errors),
