@@ -167,8 +167,12 @@ async def test_auth(api: Api) -> None:
 async def test_metrics_route_is_exact_and_guarded(api: Api) -> None:
     """/metrics is served at exactly that path, behind the token unless metrics_auth is off."""
     from starlette.responses import PlainTextResponse
+    from starlette.types import Receive, Scope, Send
 
-    app = PlainTextResponse("packsched_tasks 0\n")
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        # A plain ASGI function, as stats.prometheus.metrics_app returns.
+        await PlainTextResponse("packsched_tasks 0\n")(scope, receive, send)
+
     for auth in (True, False):
         server = ApiServer(api.scheduler, ServerConfig(metrics_auth=auth), token=TOKEN, metrics=app)
         async with httpx.AsyncClient(

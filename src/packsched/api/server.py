@@ -125,6 +125,17 @@ def _endpoint(fn: Endpoint) -> Endpoint:
     return wrapper
 
 
+class _Asgi:
+    """Wraps a plain ASGI function so that Starlette's Route calls it as an app, not as a
+    request handler (Route tells them apart by whether the endpoint is a function)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
 class _BearerAuth:
     """ASGI middleware: every HTTP request outside `open_paths` must carry the bearer token."""
 
@@ -202,7 +213,7 @@ class ApiServer:
         ]
         if metrics is not None:
             # A Route, not a Mount: a Mount would redirect /metrics to /metrics/.
-            routes.append(Route("/metrics", metrics))
+            routes.append(Route("/metrics", _Asgi(metrics)))
         if agent is not None:
             routes.append(Mount("/v1/agent", agent))
         app = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
