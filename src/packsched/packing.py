@@ -774,7 +774,9 @@ def plan(
     (priority order, best fit), and a pending request that receives none is no longer needed.
     The rest are packed into new bins of the shapes on offer (`pack`), at most `max_new`, the
     most urgent first. Each request asks for its bin's content, raised to `min_alloc` and
-    clipped to the bin's shape, so that it is never more than some shape can give.
+    clipped to the bin's shape, so that it is never more than some shape can give. Requests
+    have `width=0`: a bin is already the content one alloc should get, and a wider request
+    would be counted at its full size by the next call while the cluster may grant only `min`.
 
     Args:
         unplaced: the waiting demands that fit on no live alloc now.
