@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from packsched.resources import MiB
@@ -113,6 +114,17 @@ def test_lost_and_killed_do_not_count_as_failures() -> None:
     s = h.history("k")
     assert s.count == 3 and s.failed == 0 and s.success_rate is None
     assert h.describe_failure("k") is None
+
+
+def test_an_attempt_counts_once() -> None:
+    """An ERROR later given up as FAILED (same task and attempt) is not a second failure."""
+    h = History()
+    first = attempt("k", TaskState.ERROR, code="exit-status")
+    h.record(first)
+    h.record(msgspec.structs.replace(first, state=TaskState.FAILED))
+    h.record(msgspec.structs.replace(first, attempt=1))
+    s = h.history("k")
+    assert (s.count, s.failed) == (2, 2)
 
 
 def test_window_and_kind_bounds() -> None:

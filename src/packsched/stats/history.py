@@ -29,6 +29,11 @@ __all__ = ["History", "HistorySource", "KindHistory", "percentile"]
 _FAILURE_CODES = frozenset({"exit-status", "timeout", "spawn-failed"})
 
 
+# How many (task, attempt) keys are remembered to count each attempt once; an attempt is
+# re-recorded only when its ERROR is later given up or killed, well within this many attempts.
+_SEEN_MAX = 100_000
+
+
 class HistorySource(Protocol):
     """Where past attempts come from at start: the Store protocol's `history` satisfies it."""
 
@@ -111,11 +116,22 @@ class History:
         self.window = window
         self.max_kinds = max_kinds
         self._kinds: collections.OrderedDict[str, _Kind] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
 
     def record(self, attempt: Attempt) -> None:
-        """Add one finished attempt (one without a kind is ignored)."""
+        """Add one finished attempt (one without a kind is ignored).
+
+        An attempt is counted once, as it first settled: a later record of the same task and
+        attempt (an ERROR that is given up as FAILED, or killed) is ignored.
+        """
         if attempt.kind is None:
             return
+        key = (attempt.task_id, attempt.attempt)
+        if key in self._seen:
+            return
+        self._seen[key] = None
+        if len(self._seen) > _SEEN_MAX:
+            self._seen.popitem(last=False)
         entry = self._kinds.get(attempt.kind)
         if entry is None:
             entry = self._kinds[attempt.kind] = _Kind(self.window)
