@@ -169,3 +169,15 @@ async def test_second_scheduler_on_the_same_file_is_refused(tmp_path: Path) -> N
         assert (await first.release(t.id)).state is S.WAITING
     async with Scheduler(cluster, config=FAST, store=SQLiteStore(path)) as second:
         assert second.get(t.id).state is S.WAITING
+
+
+async def test_a_scheduler_on_a_foreign_file_fails_to_start(tmp_path: Path) -> None:
+    """A scheduler given a file that is not a store stops at start with StoreError; the file
+    keeps its bytes."""
+    path = tmp_path / "thesis.db"
+    path.write_bytes(b"chapter one\n" * 1000)
+    cluster = ManualCluster(Resources(cpu=64, mem=256 * GiB))
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        async with Scheduler(cluster, config=FAST, store=SQLiteStore(path)):
+            pass  # pragma: no cover - never entered
+    assert path.read_bytes() == b"chapter one\n" * 1000
