@@ -359,6 +359,9 @@ def _spawn(
         open(work_dir / STDERR_FILE, "wb") as err,
     ):
         spawned.epoch = time.time()  # replaced by psutil's view below
+        # Before the spawn: the command's clock starts at exec, inside Popen, and its duration
+        # must never come out shorter than its own wall time.
+        spawned.t0 = time.monotonic()
         spawned.proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -369,7 +372,6 @@ def _spawn(
             start_new_session=True,
             close_fds=True,
         )
-        spawned.t0 = time.monotonic()
         # psutil's start times carry an offset of up to a second against time.time() (boot
         # time is whole seconds), so descendants are compared with the main process's own.
         with contextlib.suppress(psutil.Error):
