@@ -11,9 +11,10 @@ import pytest
 
 from packsched import Resources, Scheduler, SchedulerConfig, TaskSpec, TaskState
 from packsched.alloc.local import ExecutorConfig, LocalAlloc
-from packsched.cluster.local import LocalCluster, default_reserve_mem
+from packsched.cluster.local import LocalCluster, count_gpus, default_reserve_mem
 from packsched.errors import AllocationError
 from packsched.resources import GiB, MiB, Requirements
+from packsched.task import Task, new_task_id
 from packsched.testing import error_codes, wait_until
 
 from ..conftest import hosted
@@ -196,3 +197,37 @@ async def kill_and_check(sched: Scheduler, task_id: str) -> None:
     assert killed.state is TaskState.KILLED
     assert error_codes(killed) == ["killed"]
     await wait_until(lambda: processes_of(task_id) == [])
+
+
+def test_gpus_are_counted_with_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without NVML, `nvidia-smi -L` lines are counted; a failing nvidia-smi means none."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        '#!/bin/sh\n[ "$1" = -L ] || exit 2\n'
+        "echo 'GPU 0: Tesla T4 (UUID: GPU-1)'\necho 'GPU 1: Tesla T4 (UUID: GPU-2)'\n"
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert count_gpus() == 2
+    smi.write_text("#!/bin/sh\nexit 9\n")
+    assert count_gpus() == 0
+
+
+async def test_gpu_allocs_get_their_own_devices(tmp_path: Path) -> None:
+    """Each alloc gets distinct GPU ids, visible to its tasks as CUDA_VISIBLE_DEVICES."""
+    cluster = LocalCluster(work_root=tmp_path, capacity=Resources(cpu=4, mem=4 * GiB, gpu=3))
+    a = await cluster.allocate(Requirements(min=Resources(cpu=1, gpu=2)), {})
+    b = await cluster.allocate(Requirements(min=Resources(cpu=1, gpu=1)), {})
+    assert isinstance(a, LocalAlloc) and isinstance(b, LocalAlloc)
+    assert (a.gpu_ids, b.gpu_ids) == ([0, 1], [2])
+    task = Task(
+        id=new_task_id(),
+        spec=TaskSpec(command=["sh", "-c", "echo $CUDA_VISIBLE_DEVICES"]),
+        state=TaskState.RUNNING,
+    )
+    result = await a.run(task, lambda: None)
+    assert result.stdout_tail == "0,1\n"
+    await a.free()
+    c = await cluster.allocate(Requirements(min=Resources(gpu=2)), {})
+    assert isinstance(c, LocalAlloc)
+    assert c.gpu_ids == [0, 1]
