@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -314,3 +315,37 @@ async def test_prune_gives_space_back(tmp_path: Path) -> None:
     assert await store.prune(1e12) == 3000
     await store.close()
     assert path.stat().st_size < full / 4
+
+
+HOLDER = """
+import sys, anyio
+from packsched.store import SQLiteStore
+
+async def main() -> None:
+    store = SQLiteStore(sys.argv[1])
+    await store.open()
+    print("open", flush=True)
+    await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+async def test_lock_names_the_other_process_and_dies_with_it(tmp_path: Path) -> None:
+    """A store held by another process is refused naming that PID; once the holder is
+    SIGKILLed the lock is gone with it and the file opens with its data."""
+    path = tmp_path / "store.db"
+    await make_store_file(path, tasks=3)
+    command = [sys.executable, "-c", HOLDER, str(path)]
+    async with await anyio.open_process(command) as holder:
+        assert holder.stdout is not None
+        with anyio.fail_after(30):
+            assert (await holder.stdout.receive()).startswith(b"open")
+        with pytest.raises(StoreError, match=f"locked by process PID {holder.pid} "):
+            await SQLiteStore(path).open()
+        holder.kill()
+        await holder.wait()
+    store = SQLiteStore(path)
+    await store.open()
+    assert len(await store.load_tasks()) == 3
+    await store.close()
