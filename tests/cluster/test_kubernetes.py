@@ -46,7 +46,11 @@ from .fake_kube import FakeKube, default_node
 
 AGENT = (sys.executable, "-m", "packsched.agent")
 SLEEPER = ("sh", "-c", "exec sleep 60", "sh")  # a container that ignores its args and waits
-LEASE = LeaseConfig(heartbeat_interval=0.2, start_timeout=30, exit_wait=5, kill_wait=10)
+# A lease much longer than the time it takes to notice a pod's end: a lost alloc in these tests
+# is noticed by the pod watch, not by the lease running out (and a loaded box misses no lease).
+LEASE = LeaseConfig(
+    heartbeat_interval=0.2, lease_timeout=10, start_timeout=30, exit_wait=5, kill_wait=10
+)
 CONFIG = SchedulerConfig(
     keepalive_interval=0.1,
     keepalive_timeout=5,
@@ -515,6 +519,8 @@ async def _lose_an_alloc(kube: FakeKube, tmp_path: Path, how: str) -> None:
         await wait_for(lambda: len(count_lines(runs)) == 2, 30, "both tasks to start")
         victim = sched.get(tasks[0].id).alloc_id
         assert victim is not None
+        alloc = cluster.registry.get(victim)
+        assert alloc is not None
         name = pod_name(victim)
         if how == "delete":
             await kube.delete_pod(name)
@@ -533,6 +539,8 @@ async def _lose_an_alloc(kube: FakeKube, tmp_path: Path, how: str) -> None:
             assert TaskState.LOST in states
             assert counts[task.id] == 2  # once on the lost pod, once elsewhere
         assert sched.stats().counters.lost >= 1
+        # Noticed through the pod (the watch), long before the 10 s lease would have run out.
+        assert alloc.dead_reason is not None and name in alloc.dead_reason, alloc.dead_reason
 
 
 async def test_deleted_pod_loses_its_tasks_and_they_complete_elsewhere(
@@ -587,7 +595,9 @@ cpu = 2
 mem = "1GiB"
 [cluster.lease]
 heartbeat_interval = 0.2
+lease_timeout = 5
 reattach_grace = 15
+exit_wait = 2
 [scheduler]
 keepalive_interval = 0.1
 max_alloc_idle_time = 30
