@@ -5,6 +5,8 @@ from __future__ import annotations
 from .base import Alloc as Alloc
 from .base import Cluster as Cluster
 from .local import LocalCluster as LocalCluster
+from .process import ProcessCluster as ProcessCluster
 from .sim import SimCluster as SimCluster
+from .slurm import SlurmCluster as SlurmCluster
 
-__all__ = ["Alloc", "Cluster", "LocalCluster", "SimCluster"]
+__all__ = ["Alloc", "Cluster", "LocalCluster", "ProcessCluster", "SimCluster", "SlurmCluster"]
