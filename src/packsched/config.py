@@ -382,7 +382,10 @@ _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
 
 
 def _convert(data: dict[str, Any], *, strict: bool, source: str | None) -> DaemonConfig:
-    data = _parse_quantities(data)
+    try:
+        data = _parse_quantities(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
     try:
         return msgspec.convert(data, DaemonConfig, strict=strict)
     except msgspec.ValidationError as exc:
