@@ -457,8 +457,9 @@ async def test_unschedulable_pod_times_out_and_is_deleted(kube: FakeKube, tmp_pa
         lease=LeaseConfig(heartbeat_interval=0.2, start_timeout=1.5),
     )
     async with running(cluster):
-        with pytest.raises(AllocationError, match="did not register"):
+        with pytest.raises(AllocationError, match="did not register") as caught:
             await cluster.allocate(Requirements(min=Resources(cpu=32)), {})
+        assert "was still Pending (Unschedulable: 0/1 nodes are available" in str(caught.value)
         await wait_for(lambda: not kube.live_pods(), 10, "the pending pod to be deleted")
         assert not cluster.registry.allocs()
 

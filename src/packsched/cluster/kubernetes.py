@@ -22,6 +22,7 @@ secrets: create; and nodes: list (cluster-wide) unless the shapes are configured
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import functools
 import importlib
@@ -43,6 +44,7 @@ import structlog
 from ..alloc.remote import AgentCluster, LeaseConfig, RemoteAlloc
 from ..errors import AllocationError, PackschedError
 from ..resources import AllocShape, MiB, Requirements, Resources
+from .base import Alloc
 
 __all__ = [
     "ALLOC_ID_LABEL",
@@ -349,6 +351,11 @@ def pod_pending_detail(pod: Mapping[str, Any]) -> str:
     return "; ".join(details) or f"phase {status.get('phase', 'unknown')}"
 
 
+# The alloc id `_launch` is creating a pod for, seen by `allocate` in the same task.
+_launching: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "packsched_kubernetes_launching", default=None
+)
+
 # Waiting reasons that no amount of waiting fixes: the allocation fails at once.
 _FATAL_WAITING = frozenset({"InvalidImageName", "ErrImageNeverPull"})
 
@@ -526,8 +533,9 @@ class KubernetesCluster(AgentCluster):
         server_url: where agents reach the daemon; a pod cannot use loopback, so this is the
             daemon's Service or routable address.
         agent_command: the container's command; `--server URL` is added as args.
-        shapes: the alloc shapes on offer; default one per distinct node allocatable (less
-            `overhead`) of the schedulable nodes the pods may go to.
+        shapes: the alloc shapes on offer, as what tasks get (each pod asks for `overhead`
+            more); default one per distinct node allocatable (less `overhead`) of the
+            schedulable nodes the pods may go to.
         overhead: resources added to every pod beyond what its tasks get, for the agent itself.
         labels, annotations: added to every pod.
         node_selector, tolerations, service_account, image_pull_policy: of every pod.
@@ -616,6 +624,7 @@ class KubernetesCluster(AgentCluster):
         self._pods: dict[str, str] = {}
         self._seen: dict[str, Json | None] = {}
         self._watching = False
+        self._never_ran: dict[str, str] = {}  # alloc id -> what its deleted pod waited for
         self._poll_lock = anyio.Lock()
         self._polled_at = -math.inf
         self.watch_restarts = 0  # streams resumed from a resourceVersion
@@ -788,8 +797,31 @@ class KubernetesCluster(AgentCluster):
 
     # -- pods -------------------------------------------------------------------------------
 
+    async def allocate(self, requirements: Requirements, labels: Mapping[str, str]) -> Alloc:
+        """A pod for an alloc of at least `requirements.min`, returned once its agent registered.
+
+        Raises:
+            AllocationError: the pod could not be created, failed, or its agent did not
+                register in time; the message says what the pod was waiting for (an
+                Unschedulable pod names the resources no node had).
+        """
+        token = _launching.set(None)
+        try:
+            return await super().allocate(requirements, labels)
+        except AllocationError as exc:
+            alloc_id = _launching.get()
+            detail = self._never_ran.pop(alloc_id, None) if alloc_id else None
+            if detail is None:
+                raise
+            raise AllocationError(f"{exc}; {detail}") from exc
+        finally:
+            self._never_ran.pop(_launching.get() or "", None)
+            _launching.reset(token)
+
     async def _launch(self, alloc: RemoteAlloc) -> None:
         """Create the alloc's pod (and the Secret with its token) and set its hooks."""
+        # `allocate` runs this in its own task: the id tells it which pod a failure was about.
+        _launching.set(alloc.id)
         api = self.api()
         assert self.namespace is not None and self.server_url is not None
         name = pod_name(alloc.id)
@@ -890,7 +922,9 @@ class KubernetesCluster(AgentCluster):
             return
         seen = self._seen.get(alloc_id)
         if seen and seen.get("status", {}).get("phase") == "Pending":
-            log.info("deleting a pod that never ran", pod=name, why=pod_pending_detail(seen))
+            why = pod_pending_detail(seen)
+            self._never_ran[alloc_id] = f"pod {name} was still Pending ({why})"
+            log.info("deleting a pod that never ran", pod=name, why=why)
         try:
             with anyio.fail_after(self.request_timeout * 2):
                 await self.api().delete_pod(self.namespace or "default", name, None)
