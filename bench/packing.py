@@ -32,7 +32,7 @@ from packsched.resources import AllocShape, GiB, Resources
 
 REPEATS = 3
 # Stop repeating a measurement after this many seconds, to keep the whole run under 30 s.
-MAX_SECONDS = 1.5
+MAX_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ def _missing(module: str) -> Callable[[], str | None]:
     return check
 
 
-def _ray(capacity: Resources, demands: list[Demand]) -> int:
-    """Ray's autoscaler packer (`get_nodes_for` with its default utilization scorer).
+def _ray_nodes(shapes: list[AllocShape], demands: list[Demand]) -> dict[int, int]:
+    """Ray's autoscaler packer (`get_nodes_for` with its default utilization scorer): how many
+    nodes of each shape it adds for the demands.
 
     This is the pure function the Ray autoscaler calls to choose nodes for pending demands;
     no Ray cluster is started.
@@ -91,7 +92,10 @@ def _ray(capacity: Resources, demands: list[Demand]) -> int:
         out = {"CPU": r.cpu, "memory": r.mem, "GPU": r.gpu, "disk": r.disk, **r.extra}
         return {k: float(v) for k, v in out.items() if v}
 
-    node_types = {"alloc": {"resources": as_ray(capacity), "max_workers": 10**9}}
+    node_types = {
+        str(j): {"resources": as_ray(s.resources), "max_workers": 10**9}
+        for j, s in enumerate(shapes)
+    }
     summary = NodeAvailabilitySummary(node_availabilities={})
     added, left = get_nodes_for(
         node_types,
@@ -102,7 +106,11 @@ def _ray(capacity: Resources, demands: list[Demand]) -> int:
         functools.partial(_default_utilization_scorer, node_availability_summary=summary),
     )
     assert not left, "Ray left demands unpacked"
-    return sum(added.values())
+    return {int(j): n for j, n in added.items()}
+
+
+def _ray(capacity: Resources, demands: list[Demand]) -> int:
+    return sum(_ray_nodes([AllocShape(resources=capacity)], demands).values())
 
 
 PACKERS: list[Packer] = [
@@ -176,6 +184,73 @@ FAMILIES: list[Callable[[random.Random], Instance]] = [
     mixed_gpu,
     triplets,
 ]
+
+
+# -- shape menus ---------------------------------------------------------------------------------
+
+# An AWS-like menu: general purpose (4 GiB per core) in three sizes, compute optimised (2 GiB
+# per core) and memory optimised (8 GiB per core), priced per hour roughly as the clouds do.
+MENU = [
+    AllocShape(resources=Resources(cpu=4, mem=16 * GiB), price=0.19, name="general-4"),
+    AllocShape(resources=Resources(cpu=16, mem=64 * GiB), price=0.77, name="general-16"),
+    AllocShape(resources=Resources(cpu=64, mem=256 * GiB), price=3.07, name="general-64"),
+    AllocShape(resources=Resources(cpu=32, mem=64 * GiB), price=1.36, name="compute-32"),
+    AllocShape(resources=Resources(cpu=32, mem=256 * GiB), price=2.02, name="memory-32"),
+]
+
+
+def menu_instances(rng: random.Random, n: int = 400) -> list[tuple[str, list[Demand]]]:
+    """Workloads whose cheapest mix differs: balanced, cpu-heavy, memory-heavy, and mixed."""
+
+    def make(cpu: tuple[float, float], gib_per_cpu: tuple[float, float]) -> list[Demand]:
+        out = []
+        for i in range(n):
+            c = rng.uniform(*cpu)
+            out.append(_demand(i, c, c * rng.uniform(*gib_per_cpu) * GiB))
+        return out
+
+    mixed = make((0.5, 8), (1, 2))[: n // 2] + make((0.5, 8), (6, 8))[: n - n // 2]
+    mixed = [Demand(id=f"d{i:05}", resources=d.resources) for i, d in enumerate(mixed)]
+    return [
+        ("balanced (4 GiB/cpu)", make((0.5, 12), (3, 4))),
+        ("cpu-heavy (1-2 GiB/cpu)", make((0.5, 12), (1, 2))),
+        ("memory-heavy (6-8 GiB/cpu)", make((0.5, 12), (6, 8))),
+        ("half cpu-, half memory-heavy", mixed),
+    ]
+
+
+def menu_table(seed: int) -> tuple[list[str], list[list[object]]]:
+    """Total price per hour of the allocs each planner asks for, over the same menu."""
+    largest = max(MENU, key=lambda s: s.price or 0.0)
+    headers = ["workload", "n", "packsched $/h", "mix used", "largest only $/h", "ratio"]
+    ray_ok = _missing("ray")() is None
+    headers += ["ray $/h", "ratio"]
+    rows: list[list[object]] = []
+    rng = random.Random(seed)
+    for name, demands in menu_instances(rng):
+        bins = pack(demands, MENU)
+        ours = sum(b.shape.price or 0.0 for b in bins)
+        mix: dict[str, int] = {}
+        for b in bins:
+            mix[b.shape.name] = mix.get(b.shape.name, 0) + 1
+        single = len(pack(demands, [largest])) * (largest.price or 0.0)
+        row: list[object] = [
+            name,
+            len(demands),
+            f"{ours:.2f}",
+            " ".join(f"{v}x{k}" for k, v in sorted(mix.items())),
+            f"{single:.2f}",
+            ratio(single, ours),
+        ]
+        if ray_ok:
+            nodes = _ray_nodes(MENU, demands)
+            theirs = sum(MENU[j].price or 0.0 for j, c in nodes.items() for _ in range(c))
+            row += [f"{theirs:.2f}", ratio(theirs, ours)]
+        else:
+            row += ["skipped", "-"]
+        rows.append(row)
+    print("  menus: done", file=sys.stderr)
+    return headers, rows
 
 
 # -- place() at scale ---------------------------------------------------------------------------
@@ -287,6 +362,9 @@ def report(seed: int) -> None:
         rows.append(row + times)
         print(f"  {instance.family}: done", file=sys.stderr)
     print(text_table(headers, rows))
+    menu_headers, menu_rows = menu_table(seed)
+    print()
+    print(text_table(menu_headers, menu_rows))
     place_headers, place_rows = place_table(seed)
     print()
     print(text_table(place_headers, place_rows))
@@ -295,6 +373,12 @@ def report(seed: int) -> None:
         f"median of {REPEATS} runs. Ratios below 1 in packsched/ffd mean fewer allocs than "
         "first-fit-decreasing. `ray` is the Ray autoscaler's `get_nodes_for` with its default "
         "utilization scorer (skipped when Ray is not installed)."
+    )
+    menu_notes = (
+        "Total price per hour of the allocs asked for, from a menu of five shapes "
+        f"({', '.join(s.name for s in MENU)}). `largest only`: our packer restricted to the "
+        "most expensive shape; `ray`: Ray's `get_nodes_for` over the same node types. Ratios "
+        "above 1 mean that planner pays more than packsched."
     )
     place_notes = (
         "One `place()` pass over 100k waiting demands and 1k live allocs (target: under "
@@ -307,6 +391,7 @@ def report(seed: int) -> None:
         "Packing",
         [
             ("Offline packer: allocs used", notes + "\n\n" + markdown_table(headers, rows)),
+            ("Shape menus: price", menu_notes + "\n\n" + markdown_table(menu_headers, menu_rows)),
             ("place(): one pass", place_notes + "\n\n" + markdown_table(place_headers, place_rows)),
         ],
     )

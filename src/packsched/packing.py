@@ -138,16 +138,11 @@ class _Space:
         self.extras = sorted(names)
 
     def vec(self, r: Resources) -> _Vec:
+        # Whole numbers stay ints: they compare, add and hash like the equal floats.
         if self.extras:
             ex = r.extra
-            return (
-                float(r.cpu),
-                float(r.mem),
-                float(r.disk),
-                float(r.gpu),
-                *(float(ex.get(k, 0.0)) for k in self.extras),
-            )
-        return (float(r.cpu), float(r.mem), float(r.disk), float(r.gpu))
+            return (r.cpu, r.mem, r.disk, r.gpu, *(ex.get(k, 0.0) for k in self.extras))
+        return (r.cpu, r.mem, r.disk, r.gpu)
 
 
 def _fits(d: _Vec, free: Sequence[float]) -> bool:
@@ -294,11 +289,8 @@ class _Rooms:
                 stale ^= low
         return found
 
-    def best(self, d: _Vec, duration: float | None) -> int | None:
-        """The room to put demand d on, or None when it fits no live room now."""
-        fit = self.fitting(d)
-        if not fit:
-            return None
+    def best(self, d: _Vec, duration: float | None, fit: int) -> int:
+        """The room to put demand d on, given `fit`, the non-empty set of rooms it fits in."""
         best: tuple[float, str, int] | None = None
         firsts: list[tuple[int, float]] = []
         for g, entries in enumerate(self.searched):
@@ -451,8 +443,10 @@ def place(demands: Sequence[Demand], rooms: Sequence[Room], *, can_grow: bool = 
         ):
             i = last[2]
         if i is None and d not in failed:
-            i = state.best(d, duration)
-            if i is None:
+            fit = state.fitting(d)
+            if fit:
+                i = state.best(d, duration, fit)
+            else:
                 failed.add(d)
         if i is not None:
             state.take(i, d, duration)
