@@ -410,6 +410,29 @@ def test_plan_downsizes_to_the_cheapest_shape() -> None:
     assert len(out.covered) == 17
 
 
+def test_plan_picks_the_cheapest_mix_of_shapes() -> None:
+    """cpu-heavy work goes to compute allocs and memory-heavy work to memory allocs."""
+    compute = AllocShape(resources=res(cpu=32, mem=64), price=1.36, name="compute")
+    memory = AllocShape(resources=res(cpu=32, mem=256), price=2.02, name="memory")
+    general = AllocShape(resources=res(cpu=64, mem=256), price=3.07, name="general")
+    menu = [general, compute, memory]
+    cpu_heavy = [Demand(id=f"c{i:02}", resources=res(cpu=4, mem=6)) for i in range(16)]
+    mem_heavy = [Demand(id=f"m{i:02}", resources=res(cpu=2, mem=30)) for i in range(16)]
+    assert {b.shape.name for b in pack(cpu_heavy, menu)} == {"compute"}
+    assert {b.shape.name for b in pack(mem_heavy, menu)} == {"memory"}
+    mixed = pack(cpu_heavy + mem_heavy, menu)
+    price = sum(b.shape.price or 0.0 for b in mixed)
+    assert price <= len(pack(cpu_heavy + mem_heavy, [general])) * 3.07
+
+
+def test_shapes_without_price_cost_in_proportion_to_size() -> None:
+    """With no prices, a bin is downsized to the smallest shape that holds it."""
+    small = AllocShape(resources=res(cpu=4, mem=16), name="small")
+    large = AllocShape(resources=res(cpu=32, mem=128), name="large")
+    ds = [Demand(id=f"t{i:02}", resources=res(cpu=1, mem=4)) for i in range(34)]
+    assert [b.shape.name for b in pack(ds, [small, large])] == ["large", "small"]
+
+
 def test_demands_no_shape_holds_are_left_out() -> None:
     """A demand that no shape can hold gets no request (the scheduler settles it)."""
     ds = [Demand(id="huge", resources=res(cpu=128)), Demand(id="ok", resources=res(cpu=1))]
