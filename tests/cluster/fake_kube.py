@@ -243,6 +243,7 @@ class FakeKube:
         self._history: list[tuple[int, str, str, Json]] = []
         self._changed = anyio.Event()
         self._watch_epoch = 0
+        self._garble = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._server: uvicorn.Server | None = None
         self._served = anyio.Event()
@@ -363,6 +364,10 @@ class FakeKube:
         handed out so far gets 410 Expired."""
         self._compacted = int(self._next_rv())
         self._history.clear()
+
+    def garble_next_watch(self) -> None:
+        """Make the next watch stream open with a line that is not JSON (a broken proxy)."""
+        self._garble = True
 
     def close_watches(self) -> None:
         """End every open watch stream, as a server-side watch timeout does."""
@@ -585,7 +590,12 @@ class FakeKube:
         def line(event: str, obj: Json) -> bytes:
             return json.dumps({"type": event, "object": obj}).encode() + b"\n"
 
+        garble, self._garble = self._garble, False
+
         async def stream() -> AsyncIterator[bytes]:
+            if garble:
+                yield b"<html>502 Bad Gateway</html>\n"
+                return
             if expired:
                 yield line("ERROR", status_body(410, "Expired", message))
                 return

@@ -411,6 +411,26 @@ async def test_watch_resumes_and_relists_after_410(kube: FakeKube, tmp_path: Pat
         assert b.dead_reason is not None and pod_name(b.id) in b.dead_reason
 
 
+async def test_a_garbled_watch_is_retried(kube: FakeKube, tmp_path: Path) -> None:
+    """A watch stream that is not Kubernetes JSON is dropped and the pods listed again."""
+    cluster = make_cluster(
+        kube,
+        tmp_path,
+        agent_command=SLEEPER,
+        shapes=[AllocShape(resources=Resources(cpu=4, mem=4 * GiB))],
+    )
+    async with cluster:
+        await cluster.start("http://daemon.example:8000")
+        await wait_for(lambda: cluster.relists == 1, 10, "the first list")
+        alloc = new_alloc(cluster, "kubernetes-g", Resources(cpu=1))
+        await cluster._launch(alloc)
+        kube.garble_next_watch()
+        kube.close_watches()
+        await wait_for(lambda: cluster.relists >= 2, 10, "a re-list after the garbled stream")
+        await kube.delete_pod(pod_name(alloc.id), grace=0)
+        await wait_for(lambda: alloc.dead_reason is not None, 10, "the deletion to be noticed")
+
+
 async def test_410_as_an_http_status_also_relists(tmp_path: Path) -> None:
     """An API server that answers a too-old watch with HTTP 410 is handled the same way."""
     async with FakeKube(expired_as_http=True) as kube:

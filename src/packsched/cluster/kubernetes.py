@@ -27,6 +27,7 @@ import copy
 import functools
 import importlib
 import math
+import os
 import re
 import time
 import urllib.parse
@@ -1005,12 +1006,14 @@ class KubernetesCluster(AgentCluster):
                             self._observe(kind, obj)
                     self.watch_restarts += 1
                     backoff = 0.2
-                except KubernetesApiError as exc:
-                    if exc.code == 410:
+                except Exception as exc:
+                    if isinstance(exc, KubernetesApiError) and exc.code == 410:
                         log.info("pod watch expired; listing again", error=str(exc))
                         version = None
                         continue
-                    log.warning("pod watch failed; retrying", error=str(exc), retry_in=backoff)
+                    # Anything else (the API unreachable, a malformed event) must not end the
+                    # watch, nor the daemon whose task group it runs in: list again later.
+                    log.warning("pod watch failed; retrying", error=repr(exc), retry_in=backoff)
                     # While we cannot watch, keepalives read the pods themselves.
                     self._watching = False
                     version = None
@@ -1038,8 +1041,6 @@ class KubernetesCluster(AgentCluster):
 
 def _default_kubeconfig() -> bool:
     """Whether a kubeconfig is where the client looks by default (`$KUBECONFIG`, ~/.kube)."""
-    import os
-
     env = os.environ.get("KUBECONFIG")
     if env:
         return any(Path(p).expanduser().exists() for p in env.split(os.pathsep) if p)
