@@ -17,11 +17,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    """One line naming the machine the numbers come from."""
-    return (
+    """One line naming the machine the numbers come from, and how busy it was."""
+    line = (
         f"{platform.platform()}, {os.cpu_count()} cpus, "
         f"{platform.python_implementation()} {platform.python_version()}"
     )
+    if hasattr(os, "getloadavg"):
+        line += f", 1-minute load average {os.getloadavg()[0]:.1f}"
+    return line
 
 
 def timed(

@@ -11,9 +11,10 @@ input, so the scheduler can call them after every event and tests can replay any
 - `pack` is the offline packer `plan` uses; `first_fit_decreasing` and `lower_bound` are the
   baselines it is measured against (tests and `bench/packing.py`).
 
-Inside, every resource vector becomes a tuple of floats over a fixed list of dimensions
+Inside, every resource vector becomes a tuple of numbers over a fixed list of dimensions
 (cpu, mem, disk, gpu, then the extras in name order), because per-dimension arithmetic on
-tuples is several times faster than on `Resources` and `place` must handle 100k demands.
+tuples is several times faster than on `Resources` and `place` must handle 100k demands over
+1k allocs in well under a second (measured in `bench/packing.py`).
 """
 
 from __future__ import annotations
