@@ -233,6 +233,7 @@ class FakeKube:
         self.token = token
         self.default_grace = default_grace
         self.expired_as_http = expired_as_http
+        self.bad_images: dict[str, str] = {}  # image -> the waiting reason its pods get
         self.pods: dict[tuple[str, str], FakePod] = {}
         self.secrets: dict[tuple[str, str], Json] = {}
         self.requests: list[tuple[str, str]] = []
@@ -735,6 +736,20 @@ class FakeKube:
         pod.obj["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]
         self._set_phase(pod, "Pending")
         container = spec["containers"][0]
+        bad_image = self.bad_images.get(container["image"])
+        if bad_image is not None:
+            # The kubelet cannot get the image: the pod waits, Pending, until deleted.
+            pod.obj["status"]["containerStatuses"] = [
+                {
+                    "name": container["name"],
+                    "ready": False,
+                    "restartCount": 0,
+                    "image": container["image"],
+                    "state": {"waiting": {"reason": bad_image, "message": "cannot pull"}},
+                }
+            ]
+            self._set_phase(pod, "Pending")
+            return
         while not pod.delete_requested.is_set():
             env = self._env(pod, container)
             if isinstance(env, dict):

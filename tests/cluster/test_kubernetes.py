@@ -484,6 +484,41 @@ async def test_unschedulable_pod_times_out_and_is_deleted(kube: FakeKube, tmp_pa
         assert not cluster.registry.allocs()
 
 
+async def test_an_invalid_image_fails_the_allocation_at_once(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    """A pod whose image can never start (InvalidImageName) fails the allocation without
+    waiting for the start timeout, and is deleted."""
+    kube.bad_images["packsched:test"] = "InvalidImageName"
+    cluster = make_cluster(kube, tmp_path, shapes=[AllocShape(resources=Resources(cpu=4))])
+    async with running(cluster):
+        with pytest.raises(AllocationError, match="cannot start: InvalidImageName"):
+            await cluster.allocate(Requirements(min=Resources(cpu=1)), {})
+        await wait_for(lambda: not kube.live_pods(), 10, "the pod to be deleted")
+
+
+async def test_reattach_takes_back_live_pods_only(kube: FakeKube, tmp_path: Path) -> None:
+    """After a restart, an alloc whose pod still runs is taken back; one whose pod is gone, or
+    that another provider made, is not."""
+    cluster = make_cluster(
+        kube, tmp_path, agent_command=SLEEPER, shapes=[AllocShape(resources=Resources(cpu=4))]
+    )
+    async with cluster:
+        await cluster.start("http://daemon.example:8000")
+        alive = new_alloc(cluster, "kubernetes-alive", Resources(cpu=1))
+        gone = new_alloc(cluster, "kubernetes-gone", Resources(cpu=1))
+        await cluster._launch(alive)
+        await cluster._launch(gone)
+        await kube.delete_pod(pod_name(gone.id), grace=0)
+        await wait_for(lambda: len(kube.live_pods()) == 1, 10, "one pod to go")
+        labels = {**alive.labels}
+        again = await cluster.reattach(alive.id, alive.resources, labels)
+        assert isinstance(again, RemoteAlloc) and again.check is not None
+        assert await again.check() is None
+        assert await cluster.reattach(gone.id, gone.resources, dict(gone.labels)) is None
+        assert await cluster.reattach("process-1", Resources(), {"provider": "process"}) is None
+
+
 # -- real agents through the Scheduler -------------------------------------------------------
 
 
