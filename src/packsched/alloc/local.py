@@ -623,7 +623,8 @@ class LocalAlloc(Alloc):
         waits = list(self._done.values())
         for scope in self._running.values():
             scope.cancel()
-        with anyio.CancelScope(shield=True):
+        # Bounded: a process stuck in the kernel must not hold the scheduler's shutdown.
+        with anyio.move_on_after(self.executor.config.kill_grace + 10, shield=True):
             for event in waits:
                 await event.wait()
         if self._on_free is not None:
