@@ -11,7 +11,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from packsched import GiB, Resources, Scheduler, SchedulerConfig, TaskSpec, TaskState
-from packsched.stats.prometheus import metrics_app, render_metrics, start_metrics_server
+from packsched.stats.prometheus import (
+    PackschedCollector,
+    metrics_app,
+    render_metrics,
+    start_metrics_server,
+)
 from packsched.stats.recorder import StatsRecorder
 from packsched.stats.snapshot import AllocStats, StatsSnapshot, TaskStats
 from packsched.task import RuntimeStatistics
@@ -140,6 +145,21 @@ def test_per_task_series_only_behind_the_flag() -> None:
     [mem] = m["packsched_task_memory_peak_bytes"]
     assert mem.labels == {"task": "b" * 16, "name": "align", "kind": "align"}
     assert mem.value == 5 * 1024**2
+
+
+def test_snapshot_without_tasks_is_asked_for_when_per_task_is_off() -> None:
+    """A snapshot function taking include_tasks is asked for task rows only when exported."""
+    calls: list[bool] = []
+    snap = snapshot([alloc("live-1")])
+
+    def stats(*, include_tasks: bool = True) -> StatsSnapshot:
+        calls.append(include_tasks)
+        return snap
+
+    PackschedCollector(stats).collect()
+    PackschedCollector(stats, per_task=True).collect()
+    PackschedCollector(lambda: snap).collect()
+    assert calls == [False, True]
 
 
 FAST = SchedulerConfig(

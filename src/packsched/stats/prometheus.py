@@ -12,6 +12,8 @@ serves it from a thread without an ASGI server.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import threading
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -56,12 +58,14 @@ class PackschedCollector(Collector):
     """Builds every packsched metric family from `snapshot_fn()` at each collect.
 
     Args:
-        snapshot_fn: returns the scheduler's current snapshot (e.g. `scheduler.stats`).
+        snapshot_fn: returns the scheduler's current snapshot (e.g. `scheduler.stats`). If it
+            takes an `include_tasks` keyword, as `Scheduler.stats` does, it is asked for the
+            per-task rows only when they are exported, which keeps scrapes cheap.
         per_task: also export one set of series per task (off by default).
     """
 
     def __init__(self, snapshot_fn: SnapshotFn, *, per_task: bool = False) -> None:
-        self.snapshot_fn = snapshot_fn
+        self.snapshot_fn = _snapshot_call(snapshot_fn, per_task)
         self.per_task = per_task
 
     def collect(self) -> Iterator[Metric]:
@@ -72,6 +76,18 @@ class PackschedCollector(Collector):
         """Nothing up front: the families depend on the snapshot (and registering must not
         take one)."""
         return []
+
+
+def _snapshot_call(snapshot_fn: SnapshotFn, per_task: bool) -> SnapshotFn:
+    """`snapshot_fn`, passing `include_tasks=per_task` when it takes that keyword."""
+    try:
+        takes = "include_tasks" in inspect.signature(snapshot_fn).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        takes = False
+    if not takes:
+        return snapshot_fn
+    with_tasks: Callable[..., StatsSnapshot] = snapshot_fn
+    return functools.partial(with_tasks, include_tasks=per_task)
 
 
 def families(snap: StatsSnapshot, *, per_task: bool = False) -> list[Metric]:
@@ -344,11 +360,12 @@ def start_metrics_server(
     scheduler from another thread. It listens on loopback unless told otherwise.
     """
     token = _loop_token()
+    take = _snapshot_call(snapshot_fn, per_task)
 
     def snapshot() -> StatsSnapshot:
         if token is None:
-            return snapshot_fn()
-        return anyio.from_thread.run_sync(snapshot_fn, token=token)
+            return take()
+        return anyio.from_thread.run_sync(take, token=token)
 
     registry = _registry(snapshot, per_task)
 
