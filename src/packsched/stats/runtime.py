@@ -184,7 +184,7 @@ class TreeSampler:
 
     def processes(self) -> list[psutil.Process]:
         """Descendants seen so far that are still alive (never the main process itself)."""
-        return [p for p in self._known.values() if _alive(p)]
+        return [p for p in list(self._known.values()) if _alive(p)]  # a copy: a sample may run
 
     def finish(
         self,
