@@ -12,12 +12,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+import urllib.parse
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from packsched import GiB, MiB, Resources, Scheduler, SchedulerConfig, TaskSpec, TaskState
 from packsched.alloc.remote import LeaseConfig, RemoteAlloc
@@ -725,31 +729,86 @@ advertise_url = "http://packsched.batch.svc:8000"
 
 # -- a real cluster ---------------------------------------------------------------------------
 
+REAL = os.environ.get("KUBECONFIG")
+REAL_IMAGE = os.environ.get("PACKSCHED_TEST_IMAGE")
+REAL_ADVERTISE = os.environ.get("PACKSCHED_TEST_ADVERTISE_URL")
 
-@pytest.mark.skipif(
-    not os.environ.get("KUBECONFIG"),
-    reason="needs a real Kubernetes cluster: set KUBECONFIG (and PACKSCHED_TEST_IMAGE)",
-)
-async def test_real_cluster_reads_nodes_and_runs_a_pod(tmp_path: Path) -> None:
-    """On a real cluster: the nodes give shapes, and a pod is created, watched and deleted."""
-    image = os.environ.get("PACKSCHED_TEST_IMAGE", "busybox:stable")
+
+def real_phase(cluster: KubernetesCluster, alloc_id: str) -> str | None:
+    """The phase of an alloc's pod as the cluster's watch last saw it."""
+    pod = cluster._seen.get(alloc_id) or {}
+    phase = (pod.get("status") or {}).get("phase")
+    return str(phase) if phase else None
+
+
+@pytest.mark.skipif(not REAL, reason="needs a real Kubernetes cluster: set KUBECONFIG")
+async def test_real_cluster_reads_nodes_and_runs_a_pod() -> None:
+    """On a real cluster: the nodes give shapes, and a pod is created, seen Running through
+    the watch, and deleted."""
     cluster = KubernetesCluster(
-        image,
+        os.environ.get("PACKSCHED_TEST_POD_IMAGE", "busybox:stable"),
         namespace=os.environ.get("PACKSCHED_TEST_NAMESPACE"),
-        agent_command=["sh", "-c", "sleep 30", "sh"],
+        agent_command=["sh", "-c", "sleep 300", "sh"],
         overhead=Resources(),
         name=f"packsched-test-{os.getpid()}",
     )
     async with cluster:
         await cluster.start("http://packsched.invalid:8000")
         assert cluster.shapes()
-        alloc = new_alloc(
-            cluster, f"kubernetes-test{os.getpid()}", Resources(cpu=0.1, mem=64 * MiB)
-        )
+        alloc = new_alloc(cluster, f"kubernetes-t{os.getpid()}", Resources(cpu=0.1, mem=64 * MiB))
         try:
             await cluster._launch(alloc)
+            await wait_for(lambda: real_phase(cluster, alloc.id) == "Running", 300, "Running")
             assert alloc.check is not None
             assert await alloc.check() is None
         finally:
             assert alloc.teardown is not None
             await alloc.teardown()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its signal handlers (the test owns the process)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@pytest.mark.skipif(
+    not (REAL and REAL_IMAGE and REAL_ADVERTISE),
+    reason="needs a real Kubernetes cluster: set KUBECONFIG, PACKSCHED_TEST_IMAGE (an image "
+    "with packsched installed) and PACKSCHED_TEST_ADVERTISE_URL (where pods reach this "
+    "machine; the test serves the agent routes on that port on every interface)",
+)
+async def test_real_cluster_runs_tasks_in_pods() -> None:
+    """On a real cluster: tasks run in pods whose agents call back here, and all COMPLETE."""
+    assert REAL_IMAGE is not None and REAL_ADVERTISE is not None
+    cluster = KubernetesCluster(
+        REAL_IMAGE,
+        namespace=os.environ.get("PACKSCHED_TEST_NAMESPACE"),
+        server_url=REAL_ADVERTISE,
+        lease=LeaseConfig(heartbeat_interval=1, start_timeout=300),
+        name=f"packsched-test-{os.getpid()}",
+    )
+    port = urllib.parse.urlsplit(REAL_ADVERTISE).port or 80
+    app = Starlette(routes=[Mount("/v1/agent", cluster.agent_app())])
+    server = _Uvicorn(
+        uvicorn.Config(
+            app, host="0.0.0.0", port=port, lifespan="off", log_config=None, access_log=False
+        )
+    )
+    config = SchedulerConfig(keepalive_interval=1, min_alloc=Resources(cpu=0.25, mem=128 * MiB))
+    async with cluster, anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        await wait_for(lambda: server.started, 30, "the agent routes to be served")
+        try:
+            async with Scheduler(cluster, config=config) as sched:
+                specs = [
+                    TaskSpec(command=["sh", "-c", f"echo {i}"], resources=Resources(cpu=0.1))
+                    for i in range(4)
+                ]
+                tasks = await sched.submit(*specs)
+                done = await sched.wait_many([t.id for t in tasks], timeout=600)
+                assert [t.state for t in done] == [TaskState.COMPLETE] * 4
+        finally:
+            server.should_exit = True
