@@ -24,7 +24,7 @@ import signal
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -880,10 +880,3 @@ def _kill_marked(uid: str, main_pid: int | None) -> None:
                 proc.kill()
         except psutil.Error:
             continue
-
-
-async def wait_for(predicate: Callable[[], object], *, timeout: float = 10) -> None:
-    """Poll `predicate()` until true, failing after `timeout` seconds."""
-    with anyio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110 - polling a condition no event announces
-            await anyio.sleep(0.01)
