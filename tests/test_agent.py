@@ -355,3 +355,31 @@ async def test_results_of_attempts_ended_while_away_travel_with_the_registration
     assert result.exit_code == 0 and started == [1]
     with pytest.raises(LookupError, match="does not run"):
         await alloc.attach(task(["true"]), lambda: None)
+
+
+async def test_a_failure_as_the_agent_leaves_on_its_own_is_a_loss_not_a_result(
+    tmp_path: Path,
+) -> None:
+    """A task dying just as its job is cancelled (both get SIGTERM) is not reported as failed:
+    the agent leaves without its result, so the daemon counts the attempt lost."""
+    registry = new_registry()
+    alloc = new_alloc(registry)
+    transport = Flaky(mounted(registry))
+    agent = agent_for(alloc, transport, tmp_path)
+    t = task(["sh", "-c", "exit 3"])
+    results: list[TaskResult] = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent.run)
+
+            async def run() -> None:
+                results.append(await alloc.run(t, lambda: None))
+
+            tg.start_soon(run)
+            await wait_for(lambda: (t.id, 0) in agent._seen, 10, "the attempt to arrive")
+            await wait_for(lambda: not agent._running, 10, "the attempt to fail")
+            agent._leave("received SIGTERM")  # within the hold: as if the job were cancelled
+            await alloc.gone.wait()
+            assert alloc.dead_reason is not None and "SIGTERM" in alloc.dead_reason
+            assert not results
+            tg.cancel_scope.cancel()

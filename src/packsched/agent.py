@@ -59,6 +59,11 @@ _T = TypeVar("_T")
 _Key = tuple[str, int]
 _encoder = msgspec.json.Encoder()
 
+# A failed attempt's result waits this long before it is reported: when the job is cancelled
+# (scancel, pod deletion) its tasks get the same SIGTERM as the agent, and may die of it just
+# before the agent learns that it is leaving; such an attempt is lost with its alloc, not failed.
+FAILURE_HOLD = 1.0
+
 # Before the daemon has said how often to call: first retry after this, doubling.
 _RETRY_INITIAL = 0.2
 _RETRY_MAX_DEFAULT = 5.0
@@ -73,6 +78,9 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         alloc_id: the alloc this agent serves (`PACKSCHED_ALLOC_ID`).
         work_root: where attempts' work dirs go; removed on exit when the agent made it.
         executor: how attempts run (kill grace, what is kept).
+        register_timeout: an agent that cannot register for the first time within this many
+            seconds leaves (its allocation was given up; None waits forever). Once registered,
+            it waits for an unreachable daemon as long as it takes.
     """
 
     server: str
@@ -80,6 +88,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     alloc_id: str
     work_root: str | None = None
     executor: ExecutorConfig = ExecutorConfig()
+    register_timeout: float | None = None
 
 
 class _Transient(Exception):
@@ -119,6 +128,7 @@ class Agent:
         self._attempt_ended = anyio.Event()
         self._exit = anyio.Event()
         self._exit_reason = ""
+        self._ordered_out = False  # the daemon freed the alloc (as opposed to leaving on our own)
         self._attempts_tg: anyio.abc.TaskGroup | None = None
 
     # -- the life of an agent -------------------------------------------------------------
@@ -184,9 +194,15 @@ class Agent:
 
     async def _serve(self) -> None:
         try:
-            await self._ensure_registered()
+            with anyio.fail_after(self.config.register_timeout):
+                await self._ensure_registered()
         except AgentRejected as exc:
             self._leave(str(exc))
+        except TimeoutError:
+            self._leave(
+                f"could not register within {self.config.register_timeout:g}s "
+                f"(--register-timeout); the daemon gave up on this alloc"
+            )
         if not self._exit.is_set():
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat_loop)
@@ -316,6 +332,7 @@ class Agent:
             assert answer is not None and self._lease is not None
             self._kill(answer.kill)
             if answer.exit:
+                self._ordered_out = True
                 self._leave("the daemon freed this alloc")
                 return
             await anyio.sleep(self._lease.heartbeat_interval)
@@ -345,6 +362,7 @@ class Agent:
             for task in answer.assignments:
                 self._start(task)
             if answer.exit:
+                self._ordered_out = True
                 self._leave("the daemon freed this alloc")
                 return
 
@@ -475,6 +493,12 @@ class Agent:
                 log.info("attempt abandoned", task_id=task.id, attempt=task.attempt)
                 return
             result = _killed()
+        elif result.output.errors and key not in self._kill_ordered:
+            with anyio.move_on_after(FAILURE_HOLD):
+                await self._exit.wait()
+            if self._exit.is_set() and not self._ordered_out:
+                log.info("attempt lost with the alloc", task_id=task.id, attempt=task.attempt)
+                return
         log.info("attempt ended", task_id=task.id, attempt=task.attempt, exit_code=result.exit_code)
         self._post(self._report(task.id, task.attempt, started, result))
 
@@ -512,6 +536,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--kill-grace", type=float, default=5.0, help="seconds from SIGTERM to SIGKILL on a kill"
     )
+    parser.add_argument(
+        "--register-timeout",
+        type=float,
+        default=None,
+        help="leave if the first registration does not succeed within this many seconds",
+    )
     return parser
 
 
@@ -545,6 +575,7 @@ def config_from_args(
         alloc_id=alloc_id,
         work_root=args.work_root,
         executor=ExecutorConfig(kill_grace=args.kill_grace),
+        register_timeout=args.register_timeout,
     )
 
 

@@ -408,7 +408,7 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
         return OK
     by_state = ", ".join(f"{n} {s.value}" for s, n in snap.tasks_by_state.items() if n)
     out.write(f"tasks: {snap.total_tasks} ({by_state or 'none'})\n")
-    out.write(f"allocs: {len(snap.live_allocs())} live, {snap.total_allocs} since start; ")
+    out.write(f"allocs: {len(snap.live_allocs())} live, {snap.counters.allocs_started} since start; ")
     out.write(f"{snap.pending_alloc_requests} requests pending\n")
     live = snap.live_allocs()
     if live:
@@ -503,7 +503,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="read the bearer token from this file")
     p.add_argument("--store", choices=["sqlite", "memory"])
     p.add_argument("--store-path", help="the SQLite file (default <state_dir>/packsched.db)")
-    p.add_argument("--cluster", choices=["local", "sim"])
+    p.add_argument("--cluster", choices=["local", "sim", "process", "slurm"])
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["json", "console", "auto"])
     p.add_argument(
@@ -513,6 +513,12 @@ def _parser() -> argparse.ArgumentParser:
         help="any config key, e.g. scheduler.max_pending_allocs=10",
     )
     p.set_defaults(func=cmd_serve)
+
+    from .agent import build_parser as add_agent_options
+
+    p = sub.add_parser("agent", help="run inside a remote alloc: execute a daemon's tasks")
+    add_agent_options(p)
+    p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser(
         "submit",

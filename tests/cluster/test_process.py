@@ -208,5 +208,8 @@ mem = "128MiB"
         assert [t.state for t in done] == [TaskState.COMPLETE] * 2, [t.error for t in done]
         assert [(t.attempt, t.lost_count) for t in done] == [(0, 0), (0, 0)]
         assert count_lines(runs) == dict.fromkeys(ids, 1)
+    except BaseException:
+        print(log.read_text()[-20000:])  # the daemon's side of the story, in pytest's report
+        raise
     finally:
         await stop_daemon(daemon)

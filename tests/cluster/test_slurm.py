@@ -85,7 +85,8 @@ def test_sbatch_command_sizes_the_job() -> None:
     assert "--gres=gpu:1" in command
     for option in ("--partition=p", "--account=a", "--time=1:00:00", "--qos=low", "--parsable"):
         assert option in command
-    assert command[-2:] == ["--wrap", "exec /opt/venv/bin/packsched agent"]
+    assert command[-2] == "--wrap"
+    assert command[-1].startswith("exec /opt/venv/bin/packsched agent --register-timeout ")
 
 
 @pytest.fixture
@@ -182,7 +183,7 @@ async def test_a_job_whose_agent_never_registers_fails_the_allocation(tmp_path: 
 
     cluster = SlurmCluster(
         lease=LeaseConfig(heartbeat_interval=0.3, start_timeout=3),
-        agent_command=["sleep", "600"],
+        agent_command=["sh", "-c", "sleep 600", "--"],
         log_dir=tmp_path / "jobs",
         state_poll=0.3,
     )
@@ -245,5 +246,28 @@ mem = "256MiB"
         assert [t.state for t in done] == [TaskState.COMPLETE] * 2, [t.error for t in done]
         assert [(t.attempt, t.lost_count) for t in done] == [(0, 0), (0, 0)]
         assert count_lines(runs) == dict.fromkeys(ids, 1)
+    except BaseException:
+        print(log.read_text()[-20000:])  # the daemon's side of the story, in pytest's report
+        raise
     finally:
         await stop_daemon(daemon)
+
+
+@pytest.mark.slurm
+@needs_slurm
+async def test_a_job_that_ends_before_registering_fails_the_allocation_at_once(
+    tmp_path: Path,
+) -> None:
+    """A job whose agent command fails is noticed through squeue, long before start_timeout."""
+    from packsched import Requirements
+
+    cluster = SlurmCluster(
+        lease=LeaseConfig(heartbeat_interval=0.3, start_timeout=120),
+        agent_command=["false"],
+        log_dir=tmp_path / "jobs",
+        state_poll=0.3,
+    )
+    async for _ in hosted(serve_agents(cluster)):
+        with anyio.fail_after(60), pytest.raises(Exception, match="ended: FAILED"):
+            await cluster.allocate(Requirements(min=Resources(cpu=1, mem=64 * MiB)), {})
+    assert not cluster.registry.allocs()

@@ -322,6 +322,7 @@ class RemoteAlloc(Alloc):
         self._agent_running: set[_Key] = set()  # as of the agent's latest word
         self._results: dict[_Key, tuple[bool, TaskResult]] = {}  # ended with nobody waiting
         self._kills: set[_Key] = set()
+        self._kills_unsent: set[_Key] = set()  # a poll returns at once only for these
         self._wakeup = anyio.Event()
 
     # -- what the scheduler calls ---------------------------------------------------------
@@ -387,7 +388,7 @@ class RemoteAlloc(Alloc):
             return
         if not attempt.delivered:
             return  # never sent; dropping the record unqueues it
-        self._kills.add(key)
+        self._order_kill(key)
         if self.dead_reason is not None or self.freed:
             return  # nobody left to confirm
         self._wake()
@@ -448,6 +449,10 @@ class RemoteAlloc(Alloc):
             log.warning("remote alloc dead", alloc_id=self.id, reason=reason)
         self._wake()
 
+    def _order_kill(self, key: _Key) -> None:
+        self._kills.add(key)
+        self._kills_unsent.add(key)
+
     def _wake(self) -> None:
         self._wakeup.set()
         self._wakeup = anyio.Event()
@@ -494,7 +499,8 @@ class RemoteAlloc(Alloc):
         if time.monotonic() > self._registry.started_at + self._registry.config.grace:
             # Past the restart grace, an attempt the agent runs that nobody here waits for
             # (its task was killed or lost meanwhile) must not go on using the alloc.
-            self._kills.update(self._agent_running - self._attempts.keys())
+            for key in self._agent_running - self._attempts.keys() - self._kills:
+                self._order_kill(key)
         return HeartbeatResponse(exit=self.exiting, kill=self._kill_refs())
 
     async def on_poll(self, timeout: float) -> PollResponse:
@@ -502,9 +508,12 @@ class RemoteAlloc(Alloc):
         assignment, the kills and the exit order."""
         self._seen()
         with anyio.move_on_after(timeout):
-            while not (self.exiting or self._kills or self._undelivered()):
+            while not (self.exiting or self._kills_unsent or self._undelivered()):
                 await self._wakeup.wait()
         self._seen()
+        # Every pending kill goes out again (a lost answer loses none), but only new ones
+        # make a poll return early: an agent still killing would otherwise poll in a loop.
+        self._kills_unsent.clear()
         if self.exiting:
             return PollResponse(exit=True, kill=self._kill_refs())
         if self.dead_reason is not None:
@@ -537,6 +546,7 @@ class RemoteAlloc(Alloc):
         self._agent_running.discard(key)
         killed = key in self._kills
         self._kills.discard(key)
+        self._kills_unsent.discard(key)
         attempt = self._attempts.get(key)
         if attempt is None:
             if killed:
@@ -779,7 +789,7 @@ class AgentCluster(Cluster):
             if not ok:
                 with anyio.CancelScope(shield=True):
                     alloc.exiting = True
-                    alloc.die("allocation abandoned")
+                    alloc.dead_reason = "allocation abandoned"
                     await alloc.free()
 
     async def _launch_failed(self, alloc: RemoteAlloc) -> str | None:

@@ -122,16 +122,21 @@ class ProcessCluster(AgentCluster):
             "packsched.agent",
             "--work-root",
             str(self.work_root / alloc.id),
+            "--register-timeout",
+            f"{self.lease.start_timeout + 30:g}",
         ]
         env = {**os.environ, **self.agent_env(alloc.id)}
         log_path = self.agent_log(alloc.id)
 
-        def spawn() -> subprocess.Popen[bytes]:
+        spawned: list[subprocess.Popen[bytes]] = []
+
+        def spawn() -> None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "ab") as out:
                 # Its own session: a signal to the daemon's process group (Ctrl-C) does not
                 # reach the agents, which outlive the daemon so that a restart re-attaches.
-                return subprocess.Popen(
+                # Recorded from the thread, so that a cancelled caller's teardown still sees it.
+                proc = subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -140,28 +145,32 @@ class ProcessCluster(AgentCluster):
                     start_new_session=True,
                     close_fds=True,
                 )
-
-        try:
-            proc = await anyio.to_thread.run_sync(spawn)
-        except OSError as exc:
-            self._give_back(alloc.id)
-            raise AllocationError(f"could not start an agent process: {exc}") from None
-        alloc.labels["agent_pid"] = str(proc.pid)
+                spawned.append(proc)
 
         async def check() -> str | None:
-            code = proc.poll()
+            code = spawned[0].poll() if spawned else None
             if code is None:
                 return None
-            return f"the agent process {proc.pid} of alloc {alloc.id} exited with status {code}"
+            return (
+                f"the agent process {spawned[0].pid} of alloc {alloc.id} exited with status {code}"
+            )
 
         async def teardown() -> None:
             try:
-                await self._stop(alloc, proc.pid, lambda: proc.poll() is not None)
+                if spawned:
+                    proc = spawned[0]
+                    await self._stop(alloc, proc.pid, lambda: proc.poll() is not None)
             finally:
                 self._give_back(alloc.id)
 
+        # Hooked before the spawn: an allocation cancelled meanwhile still gives its share back.
         alloc.check = check
         alloc.teardown = teardown
+        try:
+            await anyio.to_thread.run_sync(spawn)
+        except OSError as exc:
+            raise AllocationError(f"could not start an agent process: {exc}") from None
+        alloc.labels["agent_pid"] = str(spawned[0].pid)
 
     async def _relaunch(self, alloc: RemoteAlloc) -> bool:
         """The agent of an earlier daemon: take it back if its process still runs."""

@@ -235,6 +235,8 @@ class SlurmCluster(AgentCluster):
             command.append(f"--output={self.log_dir / alloc.id}.log")
         command += self.extra_args
         agent = list(self.agent_command)
+        # An agent that cannot register by the time the allocation gives up on it leaves.
+        agent += ["--register-timeout", f"{self.lease.start_timeout + 30:g}"]
         if self.work_root:
             agent += ["--work-root", f"{self.work_root.rstrip('/')}/{alloc.id}"]
         command += ["--wrap", "exec " + shlex.join(agent)]
@@ -246,7 +248,10 @@ class SlurmCluster(AgentCluster):
         # The agent's settings travel in the environment sbatch exports to the job, so that
         # the token is on no command line.
         env = {**os.environ, **self.agent_env(alloc.id)}
-        out = await _run(self.sbatch_command(alloc), env=env)
+        # Shielded (and bounded): a submission cut short could leave a job we never learn
+        # the id of, holding its node with an agent nobody will free.
+        with anyio.CancelScope(shield=True), anyio.fail_after(60):
+            out = await _run(self.sbatch_command(alloc), env=env)
         job_id = out.strip().split(";", 1)[0]
         if not job_id.isdigit():
             raise AllocationError(f"sbatch answered {out.strip()!r}, not a job id")
