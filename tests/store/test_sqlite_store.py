@@ -88,6 +88,20 @@ async def test_an_empty_file_is_initialised(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_an_empty_sqlite_database_is_initialised(tmp_path: Path) -> None:
+    """An SQLite file with no tables and no stamp (say, a store killed while being created)
+    holds nothing to protect, so it becomes a store."""
+    path = tmp_path / "blank.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    await make_store_file(path, tasks=2)
+    store = SQLiteStore(path)
+    await store.open()
+    assert len(await store.load_tasks()) == 2
+    await store.close()
+
+
 async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
     """A text file is refused as not an SQLite database and left untouched."""
     path = tmp_path / "notes.txt"
