@@ -363,3 +363,10 @@ async def test_lock_names_the_other_process_and_dies_with_it(tmp_path: Path) -> 
     await store.open()
     assert len(await store.load_tasks()) == 3
     await store.close()
+
+
+async def test_a_lock_file_that_cannot_be_made_is_reported(tmp_path: Path) -> None:
+    """When the sidecar lock file cannot be created or opened, open() says so clearly."""
+    (tmp_path / "store.db.lock").mkdir()  # cannot be opened for writing, even by root
+    with pytest.raises(StoreError, match=r"lock file .* cannot be created"):
+        await SQLiteStore(tmp_path / "store.db").open()

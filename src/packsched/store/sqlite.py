@@ -322,7 +322,13 @@ class SQLiteStore(Store):
                 f"cannot open the store {self.path}: the directory {self.path.parent} "
                 "does not exist"
             )
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the store {self.path}: its lock file {self._lock_path} cannot be "
+                f"created ({exc.strerror}); packsched needs write access to that directory"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
