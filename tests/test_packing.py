@@ -505,6 +505,73 @@ def test_each_new_request_is_counted_by_the_next_plan() -> None:
     assert sorted(again.covered) == sorted(d.id for d in ds)
 
 
+def random_demands(rng: random.Random, n: int, start: int = 0) -> list[Demand]:
+    """n demands of mixed sizes (cpu, mem, disk, some GPUs) over three priorities."""
+    return [
+        Demand(
+            id=f"t{i:03}",
+            resources=Resources(
+                cpu=round(rng.uniform(0.5, 12), 1),
+                mem=int(rng.uniform(1, 48) * GiB),
+                disk=int(rng.uniform(0, 20) * GiB),
+                gpu=rng.choice([0, 0, 0, 1]),
+            ),
+            priority=rng.randint(0, 2),
+            order=i,
+        )
+        for i in range(start, start + n)
+    ]
+
+
+REPLAN_MENUS = [
+    [AllocShape(resources=res(cpu=32, mem=128, disk=100, gpu=4))],
+    [
+        AllocShape(resources=res(cpu=c, mem=m, disk=100, gpu=g), price=p)
+        for c, m, g, p in [(4, 16, 0, 0.19), (16, 64, 0, 0.77), (32, 256, 0, 2.02), (32, 128, 4, 4)]
+    ],
+]
+
+
+def test_requests_just_made_hold_their_demands_on_the_next_call() -> None:
+    """Re-planning the same mixed demands with their requests pending asks for nothing more."""
+    for seed in range(40):
+        rng = random.Random(seed)
+        shapes = REPLAN_MENUS[seed % 2]
+        ds = random_demands(rng, rng.choice([5, 12, 25]))
+        first = plan(ds, [], shapes, min_alloc=MIN_ALLOC, max_new=10)
+        assert len(first.request_demands) == len(first.requests)
+        assert sorted(i for ids in first.request_demands for i in ids) == sorted(first.covered)
+        pending = [PendingRequest(id=f"p{i}", requirements=r) for i, r in enumerate(first.requests)]
+        again = plan(ds, pending, shapes, min_alloc=MIN_ALLOC, max_new=10 - len(pending))
+        assert again.requests == [], seed
+        assert again.cancel == [], seed
+        assert sorted(again.covered) == sorted(first.covered), seed
+
+
+def test_requests_that_know_their_demands_never_over_ask() -> None:
+    """With demand_ids passed back, a demand placed elsewhere or a new one never makes the
+    planner ask for room the pending requests already hold."""
+    for seed in range(40):
+        rng = random.Random(seed)
+        shapes = REPLAN_MENUS[seed % 2]
+        ds = random_demands(rng, rng.choice([5, 12, 25]))
+        first = plan(ds, [], shapes, min_alloc=MIN_ALLOC, max_new=8)
+        pending = [
+            PendingRequest(id=f"p{i}", requirements=r, demand_ids=ids)
+            for i, (r, ids) in enumerate(zip(first.requests, first.request_demands, strict=True))
+        ]
+        max_new = 8 - len(pending)
+        placed_elsewhere = rng.choice(ds)
+        fewer = [d for d in ds if d is not placed_elsewhere]
+        out = plan(fewer, pending, shapes, min_alloc=MIN_ALLOC, max_new=max_new)
+        assert out.requests == [], seed
+        assert set(out.covered) == set(first.covered) - {placed_elsewhere.id}, seed
+        more = [*ds, *random_demands(rng, 1, start=len(ds))]
+        out = plan(more, pending, shapes, min_alloc=MIN_ALLOC, max_new=max_new)
+        assert len(out.requests) <= 1, seed
+        assert out.cancel == [], seed
+
+
 # -- the offline packer ------------------------------------------------------------------------
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from operator import attrgetter
 
 from .resources import AllocShape, Requirements, Resources
@@ -100,6 +100,9 @@ class PendingRequest:
     id: str
     requirements: Requirements
     """Counted at its full size, `requirements.full`."""
+    demand_ids: tuple[str, ...] = ()
+    """The demands it was made for (`Plan.request_demands`), when the caller kept them: those
+    still waiting are counted in it first, exactly as planned."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,9 @@ class Plan:
     """Ids of pending requests that no waiting demand needs any more."""
     covered: list[str]
     """Ids of the demands that pending or new requests will hold."""
+    request_demands: list[tuple[str, ...]] = field(default_factory=list)
+    """For each new request, the ids of the demands it is made for: pass them back as
+    `PendingRequest.demand_ids` so that later calls count them in it exactly."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,7 +538,7 @@ def _fill(
     free: Sequence[float],
     pool: Sequence[int],
     vecs: Sequence[_Vec],
-    size: Sequence[float],
+    size: Sequence[float] | Mapping[int, float],
     w: _Vec,
     budget: int = _SEARCH_BUDGET,
 ) -> list[int]:
@@ -755,6 +761,71 @@ def lower_bound(demands: Sequence[Demand], capacity: Resources) -> int:
 # -- plan --------------------------------------------------------------------------------------
 
 
+# How many leftover items `_fill_pending` tries to fit by moving another item (bounded work).
+_REPAIRS = 32
+
+
+def _fill_pending(
+    items: Sequence[Demand], vecs: Sequence[_Vec], bins: Sequence[_Bin], candidates: Sequence[int]
+) -> set[int]:
+    """Virtually put candidate items (in urgency order) into the room left in pending requests.
+
+    Priority by priority, each request in turn takes the subset that fills it best (`_fill`, as
+    the packer fills a bin); then each leftover item gets one more chance, directly or by moving
+    one item to another request (`_move_in`). Returns the items placed.
+    """
+    placed: set[int] = set()
+    if not bins or not candidates:
+        return placed
+    top = tuple(max(col) for col in zip(*(b.free for b in bins), strict=True))
+    fitting = [i for i in candidates if _fits(vecs[i], top)]  # the others fit no request
+    w = _weights(top)
+    size = {i: _dot(vecs[i], w) for i in fitting}
+    start = 0
+    n = len(fitting)
+    while start < n:
+        end = start
+        level = items[fitting[start]].priority
+        while end < n and items[fitting[end]].priority == level:
+            end += 1
+        pool = sorted(fitting[start:end], key=lambda i: (-size[i], i))
+        start = end
+        for b in bins:
+            if not pool:
+                break
+            taken = _fill(b.free, pool, vecs, size, w)
+            if taken:
+                _put(b, taken, vecs)
+                placed.update(taken)
+                pool = [i for i in pool if i not in placed]
+    leftover = [i for i in fitting if i not in placed]
+    for x in leftover[:_REPAIRS]:
+        if _move_in(x, bins, vecs):
+            placed.add(x)
+    return placed
+
+
+def _move_in(x: int, bins: Sequence[_Bin], vecs: Sequence[_Vec]) -> bool:
+    """Put item x into one of the bins, directly or by moving one item to another bin."""
+    d = vecs[x]
+    for b in bins:
+        if _fits(d, b.free):
+            _put(b, [x], vecs)
+            return True
+    for a in bins:
+        for pos, y in enumerate(a.items):
+            room = [f + v for f, v in zip(a.free, vecs[y], strict=True)]
+            if not _fits(d, room):
+                continue
+            for b in bins:
+                if b is not a and _fits(vecs[y], b.free):
+                    a.items[pos] = x
+                    a.free = [f - v for f, v in zip(room, d, strict=True)]
+                    _put(b, [y], vecs)
+                    return True
+    return False
+
+
 def plan(
     unplaced: Sequence[Demand],
     pending: Sequence[PendingRequest],
@@ -765,13 +836,27 @@ def plan(
 ) -> Plan:
     """Turn demands that fit on no live alloc into alloc requests.
 
-    Pending requests count at their full size: the demands are first virtually placed in them
-    (priority order, best fit), and a pending request that receives none is no longer needed.
-    The rest are packed into new bins of the shapes on offer (`pack`), at most `max_new`, the
-    most urgent first. Each request asks for its bin's content, raised to `min_alloc` and
-    clipped to the bin's shape, so that it is never more than some shape can give. Requests
-    have `width=0`: a bin is already the content one alloc should get, and a wider request
-    would be counted at its full size by the next call while the cluster may grant only `min`.
+    Pending requests count at their full size, so that an event never makes the planner ask
+    again for room it has asked for: the demands are first virtually put in them, and a pending
+    request that receives none is no longer needed (`cancel`). In that order:
+
+    1. a request that knows its demands (`demand_ids`) holds those still waiting;
+    2. the most urgent demands are packed as if nothing were pending (`pack`), and a pending
+       request holds each bin it is exactly the request for: packing is deterministic, so the
+       requests made by an earlier call find their bins again;
+    3. the bins left over are often the content of the requests left over, rearranged by what
+       changed since: a bounded search (`_assign`) tries to fit all of it into them;
+    4. whatever else fits in pending room goes there, priority by priority, each request
+       taking the subset that fills it best.
+
+    Measured on random mixed demands (tests), re-planning with the requests just made pending
+    asks for nothing more, where filling pending requests first-fit in queue order asked again
+    in three cases out of four. The rest are packed into new bins of the shapes on offer, at
+    most `max_new`, the most urgent first. Each request asks for its bin's content, raised to
+    `min_alloc` and clipped to the cheapest shape that holds the content, so that it is never
+    more than some shape can give. Requests have `width=0`: a bin is already the content one
+    alloc should get, and a wider request would be counted at its full size by the next call
+    while the cluster may grant only `min`.
 
     Args:
         unplaced: the waiting demands that fit on no live alloc now.
@@ -786,57 +871,195 @@ def plan(
         [*(d.resources for d in ordered), *full, *(s.resources for s in shapes), min_alloc]
     )
     vecs = [space.vec(d.resources) for d in ordered]
-    covered: list[str] = []
-
-    # 1. Pending requests at their full size.
-    room = [list(space.vec(r)) for r in full]
-    weights = [_weights(space.vec(r)) for r in full]
-    used = [False] * len(pending)
-    rest: list[int] = []
-    failed: set[_Vec] = set()
-    # Per dimension, the most any pending request has left: a quick test that turns away
-    # most demands without looking at each request.
-    top = [max(col, default=0.0) for col in zip(*room, strict=True)] if room else []
-    for i, d in enumerate(vecs):
-        best: tuple[float, str, int] | None = None
-        if room and d not in failed and _fits(d, top):
-            for j, free in enumerate(room):
-                if _fits(d, free):
-                    cand = (_dot(weights[j], free) - _dot(weights[j], d), pending[j].id, j)
-                    if best is None or cand < best:
-                        best = cand
-        if best is None:
-            failed.add(d)
-            rest.append(i)
-            continue
-        j = best[2]
-        room[j] = [f - x for f, x in zip(room[j], d, strict=True)]
-        top = [max(col) for col in zip(*room, strict=True)]
-        used[j] = True
-        covered.append(ordered[i].id)
-    cancel = [p.id for p, u in zip(pending, used, strict=True) if not u]
-
-    # 2. New bins for the rest.
-    requests: list[Requirements] = []
-    if max_new > 0 and rest and shapes:
-        menu = _Menu(shapes, space)
-        # Only as many demands as could fill max_new of the largest bins are considered: a bin
-        # holds items whose largest shares sum to at most the number of dimensions, and the
-        # others wait for the next call (bounded work per event).
-        budget = float(max_new * len(menu.w))
-        chosen: list[int] = []
-        for i in rest:
-            share = max((x * y for x, y in zip(vecs[i], menu.w, strict=True)), default=0.0)
-            if math.isinf(share) or menu.opening(vecs[i]) is None:
+    held = [_Bin(j, space.vec(r)) for j, r in enumerate(full)]
+    menu = _Menu(shapes, space) if shapes else None
+    taken: set[int] = set()
+    if any(p.demand_ids for p in pending):
+        # Requests that know the demands they were made for hold those still waiting.
+        index = {d.id: i for i, d in enumerate(ordered)}
+        for p, b in zip(pending, held, strict=True):
+            for did in p.demand_ids:
+                i = index.get(did)
+                if i is not None and i not in taken and _fits(vecs[i], b.free):
+                    _put(b, [i], vecs)
+                    taken.add(i)
+    spare: list[tuple[int, list[int]]] = []  # (shape, content): bins no pending request holds
+    considered: list[int] = []
+    if menu is not None:
+        # Pack the most urgent demands as if nothing were pending, and let a pending request
+        # hold each bin it is exactly the request for. Packing is deterministic, so the
+        # requests a previous call made for these demands hold the bins they were made for;
+        # only what changed since goes through the approximate fill below.
+        considered = [
+            i for i in _considered(vecs, menu, max_new + len(held), taken) if i not in taken
+        ]
+        bins = _pack(
+            [ordered[i] for i in considered],
+            [vecs[i] for i in considered],
+            menu,
+            max_new + len(held),
+        )
+        for b in bins:
+            content = [considered[i] for i in b.items]
+            request = _request(ordered, vecs, content, b.shape, menu, min_alloc)
+            j = next(
+                (
+                    j
+                    for j, p in enumerate(pending)
+                    if not held[j].items and p.requirements == request
+                ),
+                None,
+            )
+            if j is None:
+                spare.append((b.shape, content))
                 continue
-            chosen.append(i)
-            budget -= share
-            if budget < 0:
-                break
-        items = [ordered[i] for i in chosen]
-        item_vecs = [vecs[i] for i in chosen]
-        for b in _finish(_pack(items, item_vecs, menu, max_new), items, item_vecs, menu):
-            request = b.used.max(min_alloc).min(b.shape.resources)
-            requests.append(Requirements(min=request))
-            covered.extend(b.demand_ids)
-    return Plan(requests=requests, cancel=cancel, covered=covered)
+            _put(held[j], content, vecs)
+            taken.update(content)
+    # The bins no request matched (something changed since the requests were made) are
+    # often the content of the unmatched requests rearranged: look for an assignment of all
+    # of it into them. Then pending room takes whatever else fits, most urgent first.
+    late: set[int] = set()
+    if spare and menu is not None:
+        loose = [i for _, content in spare for i in content]
+        free_bins = [b for b in held if not b.items]
+        if free_bins and _assign(loose, free_bins, vecs, menu.w):
+            late.update(loose)
+    late |= _fill_pending(
+        ordered, vecs, held, [i for i in range(len(ordered)) if i not in taken and i not in late]
+    )
+    taken |= late
+    covered = [ordered[i].id for i in sorted(taken)]
+    cancel = [p.id for p, b in zip(pending, held, strict=True) if not b.items]
+
+    # New bins for the rest, at most max_new, most urgent first.
+    requests: list[Requirements] = []
+    request_demands: list[tuple[str, ...]] = []
+    if menu is not None and max_new > 0:
+        if any(i in late for _, content in spare for i in content):
+            rest = [i for i in considered if i not in taken]
+            spare = [
+                (b.shape, [rest[i] for i in b.items])
+                for b in _pack([ordered[i] for i in rest], [vecs[i] for i in rest], menu, max_new)
+            ]
+        for packed_in, content in spare[:max_new]:
+            requests.append(_request(ordered, vecs, content, packed_in, menu, min_alloc))
+            request_demands.append(tuple(ordered[i].id for i in content))
+            covered.extend(request_demands[-1])
+    return Plan(requests=requests, cancel=cancel, covered=covered, request_demands=request_demands)
+
+
+# How many tries `_assign` may make: enough for the few bins one event rearranges.
+_ASSIGN_BUDGET = 20_000
+
+
+def _assign(items: Sequence[int], bins: Sequence[_Bin], vecs: Sequence[_Vec], w: _Vec) -> bool:
+    """Put every item into the bins (and return True), or change nothing (and return False).
+
+    A depth-first search, largest item first, that tries the bins it fits in from the fullest
+    (best fit first), skipping a bin whose room left is the same as one already tried for that
+    item, within `_ASSIGN_BUDGET` tries.
+    """
+    width = len(w)
+    need = _total([vecs[i] for i in items], width)
+    room = _total([tuple(b.free) for b in bins], width)
+    if not _fits(need, room):
+        return False  # more than all the room together: no assignment can exist
+    order = sorted(items, key=lambda i: (-_dot(vecs[i], w), i))
+    free = [list(b.free) for b in bins]
+    where = [-1] * len(order)
+    tries = 0
+    k = 0
+    nxt = [0] * len(order)  # the next bin to try for the item at each depth
+    # The rooms already tried for the item at each depth: a bin with the same room left is
+    # the same choice again.
+    seen: list[set[tuple[float, ...]]] = [set() for _ in order]
+    choices: list[list[int]] = [[] for _ in order]
+    while 0 <= k < len(order):
+        d = vecs[order[k]]
+        if where[k] >= 0:  # back here after a failure deeper down: take it out again
+            f = free[where[k]]
+            for t, x in enumerate(d):
+                f[t] += x
+            where[k] = -1
+        if nxt[k] == 0:
+            # Best fit first: the bins with the least room left, where the item fits.
+            tries += len(bins)
+            choices[k] = sorted(
+                (j for j in range(len(bins)) if _fits(d, free[j])),
+                key=lambda j: (_dot(free[j], w), j),
+            )
+        options = choices[k]
+        placed = False
+        while nxt[k] < len(options) and tries < _ASSIGN_BUDGET:
+            tries += 1
+            j = options[nxt[k]]
+            nxt[k] += 1
+            f = free[j]
+            key = tuple(f)
+            if key in seen[k]:
+                continue
+            seen[k].add(key)
+            for t, x in enumerate(d):
+                f[t] -= x
+            where[k] = j
+            placed = True
+            break
+        if placed:
+            k += 1
+            if k < len(order):
+                nxt[k] = 0
+                seen[k] = set()
+        else:
+            if tries >= _ASSIGN_BUDGET:
+                return False
+            k -= 1
+    if k < 0:
+        return False
+    for pos, i in enumerate(order):
+        _put(bins[where[pos]], [i], vecs)
+    return True
+
+
+def _considered(
+    vecs: Sequence[_Vec], menu: _Menu, bins: int, skip: set[int] | None = None
+) -> list[int]:
+    """The most urgent items that could fill `bins` of the largest bins, and that fit a shape.
+
+    A bin holds items whose largest shares sum to at most the number of dimensions, so this
+    is never fewer than the bins could take; the others wait for a later call (bounded work).
+    """
+    budget = float(bins * len(menu.w))
+    chosen: list[int] = []
+    if budget <= 0:
+        return chosen
+    for i, d in enumerate(vecs):
+        if skip and i in skip:
+            continue
+        share = max((x * y for x, y in zip(d, menu.w, strict=True)), default=0.0)
+        if math.isinf(share) or menu.opening(d) is None:
+            continue
+        chosen.append(i)
+        budget -= share
+        if budget < 0:
+            break
+    return chosen
+
+
+def _total(vectors: Sequence[_Vec], width: int) -> _Vec:
+    return tuple(sum(col) for col in zip(*vectors, strict=True)) if vectors else (0.0,) * width
+
+
+def _request(
+    items: Sequence[Demand],
+    vecs: Sequence[_Vec],
+    content: Sequence[int],
+    packed_in: int,
+    menu: _Menu,
+    min_alloc: Resources,
+) -> Requirements:
+    """The request for one bin: its content raised to min_alloc, clipped to the cheapest shape
+    that holds the content."""
+    used = _total([vecs[i] for i in content], len(menu.w))
+    shape = menu.shapes[menu.cheapest(used, packed_in)]
+    total = _sum(items[i].resources for i in content)
+    return Requirements(min=total.max(min_alloc).min(shape.resources))
