@@ -206,9 +206,15 @@ def test_lease_config_refuses_a_lease_shorter_than_a_heartbeat() -> None:
 # -- the agent itself ------------------------------------------------------------------------
 
 
-def agent_for(alloc: RemoteAlloc, transport: Flaky, tmp_path: Path) -> Agent:
+def agent_for(
+    alloc: RemoteAlloc, transport: Flaky, tmp_path: Path, **options: float | None
+) -> Agent:
     config = AgentConfig(
-        server="http://daemon.test", token=TOKEN, alloc_id=alloc.id, work_root=str(tmp_path / "w")
+        server="http://daemon.test",
+        token=TOKEN,
+        alloc_id=alloc.id,
+        work_root=str(tmp_path / "w"),
+        **options,  # type: ignore[arg-type]
     )
     return Agent(config, transport=transport)
 
@@ -383,3 +389,30 @@ async def test_a_failure_as_the_agent_leaves_on_its_own_is_a_loss_not_a_result(
             assert alloc.dead_reason is not None and "SIGTERM" in alloc.dead_reason
             assert not results
             tg.cancel_scope.cancel()
+
+
+async def test_an_agent_whose_daemon_is_gone_for_good_leaves(tmp_path: Path) -> None:
+    """Past orphan_timeout without reaching the daemon, the agent stops its work and leaves."""
+    registry = new_registry()
+    alloc = new_alloc(registry)
+    transport = Flaky(mounted(registry))
+    agent = agent_for(alloc, transport, tmp_path, orphan_timeout=0.5)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent.run)
+            await alloc.registered.wait()
+            transport.down = True
+            await wait_for(lambda: agent._exit.is_set(), 10, "the agent to give up")
+        assert "unreachable" in agent._exit_reason
+
+
+async def test_an_agent_that_cannot_register_in_time_leaves(tmp_path: Path) -> None:
+    """An agent whose allocation was abandoned (it never gets to register) leaves by itself."""
+    registry = new_registry()
+    alloc = new_alloc(registry)
+    transport = Flaky(mounted(registry))
+    transport.down = True
+    agent = agent_for(alloc, transport, tmp_path, register_timeout=0.5)
+    with anyio.fail_after(20):
+        await agent.run()
+    assert "could not register" in agent._exit_reason

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -80,7 +81,10 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         executor: how attempts run (kill grace, what is kept).
         register_timeout: an agent that cannot register for the first time within this many
             seconds leaves (its allocation was given up; None waits forever). Once registered,
-            it waits for an unreachable daemon as long as it takes.
+            it waits for an unreachable daemon up to `orphan_timeout`.
+        orphan_timeout: a daemon unreachable (or not answering) this long is taken for gone
+            for good: the agent stops its attempts and leaves, so that a job does not hold its
+            node forever (None: wait forever).
     """
 
     server: str
@@ -89,6 +93,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     work_root: str | None = None
     executor: ExecutorConfig = ExecutorConfig()
     register_timeout: float | None = None
+    orphan_timeout: float | None = 3600.0
 
 
 class _Transient(Exception):
@@ -128,7 +133,10 @@ class Agent:
         self._attempt_ended = anyio.Event()
         self._exit = anyio.Event()
         self._exit_reason = ""
-        self._ordered_out = False  # the daemon freed the alloc (as opposed to leaving on our own)
+        self._ordered_out = False
+        self._unreachable_since: float | None = (
+            None  # the daemon freed the alloc (as opposed to leaving on our own)
+        )
         self._attempts_tg: anyio.abc.TaskGroup | None = None
 
     # -- the life of an agent -------------------------------------------------------------
@@ -182,9 +190,22 @@ class Agent:
     async def _main(self, loops: anyio.CancelScope) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._on_signal)
+            tg.start_soon(self._watch_orphaned)
             await self._serve()
             tg.cancel_scope.cancel()
         loops.cancel()
+
+    async def _watch_orphaned(self) -> None:
+        """Leave once the daemon has been unreachable for `orphan_timeout` seconds."""
+        limit = self.config.orphan_timeout
+        if limit is None:
+            return
+        while True:
+            await anyio.sleep(min(1.0, limit))
+            since = self._unreachable_since
+            if since is not None and time.monotonic() - since > limit:
+                self._leave(f"the daemon was unreachable for more than {limit:g}s")
+                return
 
     async def _on_signal(self) -> None:
         """SIGTERM (scancel, pod deletion, a provider's teardown) or SIGINT: leave cleanly."""
@@ -230,7 +251,10 @@ class Agent:
                 headers={"Content-Type": "application/json"},
             )
         except httpx.HTTPError as exc:
+            if self._unreachable_since is None:
+                self._unreachable_since = time.monotonic()
             raise _Transient(f"{path}: {type(exc).__name__}: {exc}") from None
+        self._unreachable_since = None
         status = response.status_code
         if status == 404:
             raise AgentUnknown(response.text)
@@ -537,6 +561,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--kill-grace", type=float, default=5.0, help="seconds from SIGTERM to SIGKILL on a kill"
     )
     parser.add_argument(
+        "--orphan-timeout",
+        type=float,
+        default=3600.0,
+        help="leave when the daemon has been unreachable this long (default 3600 s)",
+    )
+    parser.add_argument(
         "--register-timeout",
         type=float,
         default=None,
@@ -576,6 +606,7 @@ def config_from_args(
         work_root=args.work_root,
         executor=ExecutorConfig(kill_grace=args.kill_grace),
         register_timeout=args.register_timeout,
+        orphan_timeout=args.orphan_timeout,
     )
 
 
