@@ -3,7 +3,8 @@
 1. Tasks/s through a `Scheduler` with SimCluster (zero-duration tasks, 10,000 by default)
    with `MemoryStore` and with `SQLiteStore` at each durability, in the same run, interleaved,
    median of the rounds. Target: SQLite (normal) >= 50 % of memory.
-2. The size of the SQLite file per 10,000 settled tasks (with their attempt history).
+2. The size of the SQLite file per 10,000 settled tasks (with their attempt history), and how
+   long reopening it and loading every task takes (what a restart pays).
 3. Raw `write()` throughput: the batches a scheduler would write for each task's life
    (WAITING, STAGING, RUNNING, COMPLETE plus its attempt), without the scheduler.
 
@@ -79,6 +80,19 @@ async def through_scheduler(store: Store, tasks: int) -> float:
     return elapsed
 
 
+async def reopen(path: Path) -> float:
+    """Milliseconds to open the store again and load its tasks and allocs (a restart)."""
+    start = time.perf_counter()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await store.load_tasks()
+        await store.load_allocs()
+        return (time.perf_counter() - start) * 1000
+    finally:
+        await store.close()
+
+
 def _lifecycle(tasks: int, batch: int) -> list[StoreBatch]:
     """The batches a scheduler writes for `tasks` tasks, `batch` tasks per step and state."""
     now = 1_700_000_000.0
@@ -144,6 +158,7 @@ async def main(tasks: int, repeats: int, batch: int) -> None:
     sched_times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     raw_times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     sizes: list[int] = []
+    reopens: list[float] = []
     batches = _lifecycle(tasks, batch)
     for round_ in range(repeats):
         for kind, factory in KINDS.items():  # interleaved, so drift hits every kind alike
@@ -152,6 +167,7 @@ async def main(tasks: int, repeats: int, batch: int) -> None:
                 sched_times[kind].append(await through_scheduler(factory(workdir), tasks))
                 if kind == "sqlite (normal)":
                     sizes.append((workdir / "store.db").stat().st_size)
+                    reopens.append(await reopen(workdir / "store.db"))
             with tempfile.TemporaryDirectory() as tmp:
                 raw_times[kind].append(await raw_writes(factory(Path(tmp)), batches))
         print(f"  round {round_ + 1} of {repeats}: done", file=sys.stderr)
@@ -177,11 +193,12 @@ async def main(tasks: int, repeats: int, batch: int) -> None:
         for kind in KINDS
     ]
     size = statistics.median(sizes)
-    size_headers = ["SQLite file (durability normal), settled tasks with history", "bytes"]
+    size_headers = ["SQLite file (durability normal), settled tasks with history", "value"]
     size_rows: list[list[object]] = [
-        [f"this run: {tasks} tasks (median)", f"{size:.0f}"],
-        ["per 10,000 settled tasks", f"{size * 10_000 / tasks:.0f}"],
-        ["per task", f"{size / tasks:.0f}"],
+        [f"bytes for this run's {tasks} tasks (median)", f"{size:.0f}"],
+        ["bytes per 10,000 settled tasks", f"{size * 10_000 / tasks:.0f}"],
+        ["bytes per task", f"{size / tasks:.0f}"],
+        [f"ms to reopen and load all {tasks} (a restart)", f"{statistics.median(reopens):.0f}"],
     ]
     print(text_table(headers, rows))
     print()
