@@ -132,3 +132,10 @@ def test_token_from_config_or_file(tmp_path: Path) -> None:
     file.write_text("")
     with pytest.raises(ConfigError, match="empty"):
         resolve_token(config)
+
+
+def test_the_documented_example_loads() -> None:
+    """docs/packsched.toml, the documented example, is a valid config."""
+    example = Path(__file__).resolve().parent.parent / "docs" / "packsched.toml"
+    config = load_config(example, environ={})
+    assert config.server.port == 8742 and isinstance(config.cluster, LocalClusterConfig)

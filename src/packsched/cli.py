@@ -408,7 +408,9 @@ def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
         return OK
     by_state = ", ".join(f"{n} {s.value}" for s, n in snap.tasks_by_state.items() if n)
     out.write(f"tasks: {snap.total_tasks} ({by_state or 'none'})\n")
-    out.write(f"allocs: {len(snap.live_allocs())} live, {snap.counters.allocs_started} since start; ")
+    out.write(
+        f"allocs: {len(snap.live_allocs())} live, {snap.counters.allocs_started} since start; "
+    )
     out.write(f"{snap.pending_alloc_requests} requests pending\n")
     live = snap.live_allocs()
     if live:
