@@ -14,6 +14,7 @@ from packsched import (
     Resources,
     Scheduler,
     SchedulerConfig,
+    TaskNotFoundError,
     TaskSpec,
     TaskState,
 )
@@ -368,3 +369,17 @@ async def test_history_marks_new_failures_and_learns_durations(
     bad = await sched.wait(bad.id)
     assert bad.error is not None and "new failure" in bad.error.message
     assert sched.kind_history("align").failed == 1
+
+
+async def test_prune_forgets_old_settled_tasks(cluster: ManualCluster, sched: Scheduler) -> None:
+    """prune() deletes settled tasks from memory and store; unsettled ones and keys of kept ones stay."""
+    [done] = await sched.submit(spec(key="old", hold=True))
+    await sched.kill(done.id)
+    [waiting] = await sched.submit(spec(hold=True))
+    removed = await sched.prune(sched.clock.now() + 1)
+    assert removed == 1
+    with pytest.raises(TaskNotFoundError):
+        sched.get(done.id)
+    assert [t.id for t in sched.list_tasks()] == [waiting.id]
+    [again] = await sched.submit(spec(key="old", hold=True))
+    assert again.id != done.id

@@ -75,6 +75,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         free_timeout: how long freeing one alloc may take before it is abandoned.
         error_max_age: an ERROR task left alone this long becomes FAILED (None: never); the
             first error's code is kept and the message says it aged out.
+        prune_settled_after: settled tasks older than this are deleted from the store and
+            forgotten, with their history (None: kept until pruned by hand).
         keep_dead_allocs: how many dead or freed allocs the stats snapshot still shows.
     """
 
@@ -90,6 +92,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     alloc_retry_max: float = 60.0
     free_timeout: float = 30.0
     error_max_age: float | None = None
+    prune_settled_after: float | None = None
     keep_dead_allocs: int = 100
 
     def __post_init__(self) -> None:
@@ -264,6 +267,8 @@ class Scheduler:
             self._tg.start_soon(self._main_loop)
             if self.config.error_max_age is not None:
                 self._tg.start_soon(self._age_errors, self.config.error_max_age)
+            if self.config.prune_settled_after is not None:
+                self._tg.start_soon(self._prune_periodically, self.config.prune_settled_after)
         except BaseException:
             await stack.__aexit__(None, None, None)
             raise
@@ -1180,6 +1185,42 @@ class Scheduler:
         del self._gone_allocs[: max(0, len(self._gone_allocs) - self.config.keep_dead_allocs)]
         self._record_alloc(a)
         self._wake()
+
+    async def prune(self, settled_before: float) -> int:
+        """Delete settled tasks that settled before this time (epoch seconds), with their
+        history, from the store and from memory; return how many.
+
+        A task some unsettled task still waits on is kept whatever its age.
+        """
+        await self._flush()
+        removed = await self.store.prune(settled_before)
+        gone = {
+            task_id
+            for task_id, entry in self._tasks.items()
+            if entry.visible.state in SETTLED
+            and (entry.visible.finished_at or entry.visible.state_changed_at) < settled_before
+            and not entry.dependents
+        }
+        if gone:
+            for task_id in gone:
+                entry = self._tasks.pop(task_id)
+                self._ready.pop(task_id, None)
+                key = entry.task.spec.key
+                if key is not None and self._keys.get(key) == task_id:
+                    del self._keys[key]
+            kept = [
+                (seq, t) for seq, t in zip(self._seqs, self._by_seq, strict=True) if t not in gone
+            ]
+            self._seqs = [seq for seq, _ in kept]
+            self._by_seq = [t for _, t in kept]
+        log.info("pruned settled tasks", before=settled_before, store=removed, memory=len(gone))
+        return removed
+
+    async def _prune_periodically(self, age: float) -> None:
+        period = min(max(age / 4, 0.01), 3600.0)
+        while True:
+            await self.clock.sleep(period)
+            await self.prune(self.clock.now() - age)
 
     async def _age_errors(self, max_age: float) -> None:
         """Give up on ERROR tasks nobody retried or killed within `max_age` seconds."""
