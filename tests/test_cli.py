@@ -123,3 +123,27 @@ def test_serve_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["serve", "--config", str(path)]) == 2
     assert "server.port: expected int, got str" in capsys.readouterr().err
     assert main(["serve", "--set", "nonsense"]) == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    """The wait progress bar draws on a terminal and stays silent in a pipe."""
+    from packsched import Task, TaskSpec, TaskState
+    from packsched.cli import _Progress
+
+    tasks = [
+        Task(id=f"{i:016x}", spec=TaskSpec(command=["true"]), state=state)
+        for i, state in enumerate([TaskState.COMPLETE, TaskState.ERROR])
+    ]
+    tty, pipe = _Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = _Progress(2, stream)
+        for task in tasks:
+            bar.update(task)
+        bar.close()
+    assert "2/2 settled, 1 not complete" in tty.getvalue() and tty.getvalue().endswith("\n")
+    assert pipe.getvalue() == ""
