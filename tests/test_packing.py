@@ -758,3 +758,42 @@ def test_place_matches_reference_on_many_rooms() -> None:
             got = place(ds, rs, can_grow=can_grow)
             assert got == reference_place(ds, rs, can_grow), (seed, can_grow)
             check_placement(ds, rs, got)
+
+
+# -- the helpers that find pending requests' bins again ----------------------------------------
+
+
+def test_assign_backtracks_to_a_full_assignment() -> None:
+    """Best fit first would strand the last item; the search backs up and finds the fit."""
+    from packsched.packing import _assign, _Bin
+
+    vecs = [(float(s),) for s in (6, 5, 3, 2, 2, 2)]
+    bins = [_Bin(0, (10.0,)), _Bin(1, (10.0,))]
+    assert _assign(list(range(6)), bins, vecs, (0.1,))
+    assert sorted(sorted(vecs[i][0] for i in b.items) for b in bins) == [[2, 2, 6], [2, 3, 5]]
+    assert all(b.free == [0.0] for b in bins)
+
+
+def test_assign_changes_nothing_when_there_is_no_assignment() -> None:
+    """Items that cannot all fit leave the bins untouched."""
+    from packsched.packing import _assign, _Bin
+
+    vecs = [(6.0,), (6.0,), (6.0,)]
+    bins = [_Bin(0, (10.0,)), _Bin(1, (10.0,))]
+    assert not _assign([0, 1, 2], bins, vecs, (0.1,))  # 18 <= 20 in all, but no bin takes two
+    assert all(not b.items and b.free == [10.0] for b in bins)
+    assert not _assign([0, 1, 2], [_Bin(0, (5.0,))], vecs, (0.1,))  # over the total room
+
+
+def test_move_in_makes_room_by_moving_one_item() -> None:
+    """A leftover item fits once an item of its bin moves to another bin."""
+    from packsched.packing import _Bin, _move_in, _put
+
+    vecs = [(4.0,), (5.0,), (3.0,)]
+    a, b = _Bin(0, (8.0,)), _Bin(1, (6.0,))
+    _put(a, [0], vecs)  # a: 4 used, 4 left
+    _put(b, [2], vecs)  # b: 3 used, 3 left
+    assert _move_in(1, [a, b], vecs)  # 5 fits nowhere; 3 moves from b to a, then 5 into b
+    assert sorted(a.items) == [0, 2]
+    assert b.items == [1]
+    assert not _move_in(1, [_Bin(0, (4.0,))], vecs)
