@@ -402,7 +402,7 @@ def cmd_priority(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:
     """Show tasks by state and the live allocs."""
     with _client(args) as client:
-        snap = client.stats()
+        snap = client.stats(include_tasks=args.json)
     if args.json:
         _print_json(snap, out)
         return OK

@@ -314,7 +314,8 @@ async def test_runs(api: Api) -> None:
     detail = await api.client.run("later")
     assert len(detail.tasks) == 2
     killed = await api.client.kill_run("later")
-    assert len(killed.killed) == 2 and killed.summary.state is RunState.CANCELED
+    assert killed.killed == [t.id for t in detail.tasks]
+    assert killed.summary.state is RunState.CANCELED
     r = await api.http.get("/v1/runs/nope")
     assert r.status_code == 404
 
@@ -346,7 +347,10 @@ async def test_stats_history_and_openapi(api: Api) -> None:
     tasks = await api.client.submit([spec(kind="k") for _ in range(3)])
     await api.client.wait([t.id for t in tasks], timeout=10)
     snap = await api.client.stats()
-    assert snap.tasks_by_state[S.COMPLETE] == 3
+    assert snap.tasks_by_state[S.COMPLETE] == 3 and len(snap.tasks) == 3
+    lean = await api.client.stats(include_tasks=False)
+    assert lean.tasks == [] and lean.tasks_by_state == snap.tasks_by_state
+    assert (await api.http.get("/v1/stats?tasks=maybe")).status_code == 400
     attempts = await api.client.history(kind="k")
     assert {a.task_id for a in attempts} == {t.id for t in tasks}
     r = await api.http.get("/v1/history?since=abc")

@@ -293,8 +293,9 @@ class _Calls:
         return _Call("POST", f"/v1/runs/{_quote(name)}/kill", _decoder(RunKillResponse), b"")
 
     @staticmethod
-    def stats() -> _Call[StatsSnapshot]:
-        return _Call("GET", "/v1/stats", _decode_stats)
+    def stats(include_tasks: bool) -> _Call[StatsSnapshot]:
+        params = [("tasks", "true" if include_tasks else "false")]
+        return _Call("GET", "/v1/stats", _decode_stats, params=params)
 
     @staticmethod
     def history(**query: Any) -> _Call[list[Attempt]]:
@@ -547,9 +548,9 @@ class Client(_Base):
         """Kill every task of a run that can still be killed."""
         return self._execute(_Calls.kill_run(name))
 
-    def stats(self) -> StatsSnapshot:
-        """The daemon's statistics snapshot."""
-        return self._execute(_Calls.stats())
+    def stats(self, *, include_tasks: bool = True) -> StatsSnapshot:
+        """The daemon's statistics snapshot (`include_tasks=False`: without per-task rows)."""
+        return self._execute(_Calls.stats(include_tasks))
 
     def history(self, **query: Any) -> list[Attempt]:
         """Finished attempts: filter by task_id, kind, run, state, since, until, limit."""
@@ -714,9 +715,9 @@ class AsyncClient(_Base):
         """See `Client.kill_run`."""
         return await self._execute(_Calls.kill_run(name))
 
-    async def stats(self) -> StatsSnapshot:
+    async def stats(self, *, include_tasks: bool = True) -> StatsSnapshot:
         """See `Client.stats`."""
-        return await self._execute(_Calls.stats())
+        return await self._execute(_Calls.stats(include_tasks))
 
     async def history(self, **query: Any) -> list[Attempt]:
         """See `Client.history`."""

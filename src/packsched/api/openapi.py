@@ -206,6 +206,9 @@ def openapi_document() -> dict[str, Any]:
             "get": {
                 "operationId": "stats",
                 "summary": "The statistics snapshot.",
+                "parameters": [
+                    _query("tasks", "include per-task rows (default true)", {"type": "boolean"})
+                ],
                 "responses": {"200": _ok(StatsSnapshot), **_errors()},
             }
         },

@@ -435,25 +435,43 @@ class ApiServer:
         return _json(RunDetail(summary=summarize_run(run, tasks), tasks=tasks))
 
     async def kill_run(self, request: Request) -> Response:
-        """Kill every task of a run that can still be killed."""
+        """Kill every task of a run that can still be killed.
+
+        The kills run concurrently, so that their state changes share store commits.
+        """
         run, tasks = self._run_tasks(request)
         killed: list[str] = []
-        for task in tasks:
-            if TaskState.KILLED in TRANSITIONS[task.state]:
-                try:
-                    await self.scheduler.kill(task.id)
-                except InvalidTransition:
-                    continue  # it settled meanwhile
-                killed.append(task.id)
+
+        async def kill(task_id: str) -> None:
+            try:
+                await self.scheduler.kill(task_id)
+            except InvalidTransition:
+                return  # it settled meanwhile
+            killed.append(task_id)
+
+        async with anyio.create_task_group() as tg:
+            for task in tasks:
+                if TaskState.KILLED in TRANSITIONS[task.state]:
+                    tg.start_soon(kill, task.id)
         log.info("run killed", run=run, killed=len(killed))
+        order = {task.id: i for i, task in enumerate(tasks)}
+        killed.sort(key=order.__getitem__)
         tasks = self.scheduler.list_tasks(run=run)
         return _json(RunKillResponse(summary=summarize_run(run, tasks), killed=killed))
 
     # -- stats and history -----------------------------------------------------------------
 
     async def stats(self, request: Request) -> Response:
-        """The scheduler's statistics snapshot."""
-        return _json(self.scheduler.stats())
+        """The scheduler's statistics snapshot; `?tasks=false` leaves out the per-task rows."""
+        value = request.query_params.get("tasks", "true").lower()
+        if value not in ("true", "false", "1", "0"):
+            raise ApiError(
+                400,
+                "invalid",
+                f"query.tasks: expected true or false, got {value!r}",
+                path="query.tasks",
+            )
+        return _json(self.scheduler.stats(include_tasks=value in ("true", "1")))
 
     async def history(self, request: Request) -> Response:
         """Finished attempts, filtered by task, kind, run, state and time."""
