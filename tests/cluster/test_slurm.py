@@ -17,7 +17,7 @@ import anyio.to_thread
 import pytest
 
 from packsched import MiB, Resources, Scheduler, SchedulerConfig, TaskSpec, TaskState
-from packsched.alloc.remote import LeaseConfig
+from packsched.alloc.remote import LeaseConfig, RemoteAlloc
 from packsched.api.client import AsyncClient
 from packsched.cluster.slurm import SlurmCluster, parse_sinfo
 from packsched.resources import GiB
@@ -61,8 +61,6 @@ def test_parse_sinfo_reads_node_sizes_and_gpus() -> None:
 
 def test_sbatch_command_sizes_the_job() -> None:
     """The job asks for whole cores, the alloc's memory plus the agent's, GPUs and the options."""
-    from packsched.alloc.remote import RemoteAlloc
-
     cluster = SlurmCluster(
         partition="p",
         account="a",
@@ -271,3 +269,47 @@ async def test_a_job_that_ends_before_registering_fails_the_allocation_at_once(
         with anyio.fail_after(60), pytest.raises(Exception, match="ended: FAILED"):
             await cluster.allocate(Requirements(min=Resources(cpu=1, mem=64 * MiB)), {})
     assert not cluster.registry.allocs()
+
+
+def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, squeue: str) -> None:
+    """Put a fake `squeue` (a shell script body) and `scancel` first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("squeue", squeue), ("scancel", "exit 0")):
+        script = bin_dir / name
+        script.write_text(f"#!/bin/sh\n{body}\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def hooked_alloc(cluster: SlurmCluster, job_id: str) -> RemoteAlloc:
+    alloc = RemoteAlloc(
+        cluster.registry, "slurm-x", Resources(cpu=1), {}, register_deadline=math.inf
+    )
+    cluster._hook(alloc, job_id)
+    return alloc
+
+
+@pytest.mark.parametrize(
+    ("squeue", "verdict"),
+    [
+        ("echo '7 RUNNING'", None),
+        ("echo '7 CANCELLED'", "ended: CANCELLED"),
+        ("echo '7 PREEMPTED'", "ended: PREEMPTED"),
+        ("echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1", "is gone"),
+        ("echo 'Unable to contact slurm controller' >&2; exit 1", None),
+    ],
+)
+async def test_job_state_decides_the_keepalive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, squeue: str, verdict: str | None
+) -> None:
+    """squeue's word on the job: ended or gone kills the alloc; no answer leaves it to the lease."""
+    fake_slurm(tmp_path, monkeypatch, squeue)
+    cluster = SlurmCluster(shapes=parse_sinfo("n 2 4000 (null) 0"), state_poll=0)
+    alloc = hooked_alloc(cluster, "7")
+    assert alloc.check is not None
+    reason = await alloc.check()
+    if verdict is None:
+        assert reason is None
+    else:
+        assert reason is not None and verdict in reason

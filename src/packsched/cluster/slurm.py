@@ -263,7 +263,13 @@ class SlurmCluster(AgentCluster):
         self._jobs[alloc.id] = job_id
 
         async def check() -> str | None:
-            state = await self.job_state(job_id)
+            try:
+                state = await self.job_state(job_id)
+            except (AllocationError, TimeoutError) as exc:
+                # The controller did not answer: that says nothing about the job. The agent's
+                # lease still guards it, so a flaky slurmctld does not kill every alloc.
+                log.warning("squeue failed; relying on the lease", job_id=job_id, error=str(exc))
+                return None
             if state is None:
                 return f"slurm job {job_id} of alloc {alloc.id} is gone"
             if state in _ENDED:
@@ -285,7 +291,12 @@ class SlurmCluster(AgentCluster):
         if not job_id.isdigit():
             return False
         self._jobs[alloc.id] = job_id
-        state = await self.job_state(job_id, fresh=True)
+        try:
+            state: str | None = await self.job_state(job_id, fresh=True)
+        except (AllocationError, TimeoutError) as exc:
+            # No answer is no news: take it back, and let the re-attach grace decide.
+            log.warning("squeue failed during re-attach", job_id=job_id, error=str(exc))
+            state = "UNKNOWN"
         if state is None or state in _ENDED:
             self._jobs.pop(alloc.id, None)
             return False
@@ -304,7 +315,8 @@ class SlurmCluster(AgentCluster):
                 jobs = sorted(set(self._jobs.values()) | {job_id})
                 command = ["squeue", "-h", "-t", "all", "-o", "%i %T", "-j", ",".join(jobs)]
                 try:
-                    out = await _run(command)
+                    with anyio.fail_after(max(5.0, self.state_poll * 5)):
+                        out = await _run(command)
                 except AllocationError as exc:
                     # squeue refuses a list in which every job has aged out.
                     if "Invalid job id" not in str(exc):
