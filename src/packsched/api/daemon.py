@@ -10,6 +10,7 @@ signal stops at once.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import secrets
 import signal
@@ -368,6 +369,12 @@ async def serve(config: DaemonConfig) -> None:
                     cluster=type(cluster).__name__,
                     pid=os.getpid(),
                 )
+                if not ipaddress.ip_address(host).is_loopback:
+                    log.warning(
+                        "listening beyond loopback: the bearer token is the only guard and "
+                        "travels in clear text; put a TLS proxy in front",
+                        url=url,
+                    )
                 await uv.serve(sockets=[sock])
                 tg.cancel_scope.cancel()
             log.info("stopping", running=scheduler.running_count())
