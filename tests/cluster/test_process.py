@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anyio
 import anyio.to_thread
+import httpx
 import pytest
 
 from packsched import GiB, MiB, Resources, Scheduler, SchedulerConfig, TaskSpec, TaskState
@@ -189,6 +190,13 @@ mem = "128MiB"
     log = tmp_path / "daemon.log"
     daemon = await start_daemon(config, log, url)
     try:
+        # Agents and users hold different tokens, and neither opens the other's routes.
+        agent_token = (tmp_path / "state" / "agent-token").read_text().strip()
+        async with httpx.AsyncClient(base_url=url) as raw:
+            as_agent = {"Authorization": f"Bearer {agent_token}"}
+            as_user = {"Authorization": "Bearer user-token"}
+            assert (await raw.get("/v1/tasks", headers=as_agent)).status_code == 401
+            assert (await raw.post("/v1/agent/heartbeat", headers=as_user)).status_code == 401
         async with AsyncClient(url, "user-token") as client:
             tasks = await client.submit(
                 [

@@ -201,7 +201,8 @@ class LeaseConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         reattach_grace: after a restart, how long an alloc the store had waits for its agent
             to come back before it is dead (default 2 intervals plus 5 s).
         exit_wait: when freeing, how long to wait for the agent to leave before cancelling
-            its job or process.
+            its job or process (short: a cancelled job's agent leaves cleanly on SIGTERM too,
+            and a stopping daemon may no longer be serving the exit order).
         kill_wait: when an attempt is cancelled, how long to wait for the agent to confirm.
     """
 
@@ -210,7 +211,7 @@ class LeaseConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     poll_timeout: float | None = None
     start_timeout: float = 300.0
     reattach_grace: float | None = None
-    exit_wait: float = 10.0
+    exit_wait: float = 2.0
     kill_wait: float = 30.0
 
     def __post_init__(self) -> None:
