@@ -1,9 +1,11 @@
 """How many allocs does the offline packer need, against the lower bound and other packers?
 
-Run alone: `.venv/bin/python bench/packing.py` prints one table, one row per generated family
-(fixed seeds), and writes it as markdown to `bench/results/packing.md`. With
-`--instances FILE.json` (`{"capacity": {...}, "demands": [{...}, ...]}`, resources as in
-`Resources`) it prints one JSON line with the allocs each packer used instead.
+Run alone: `.venv/bin/python bench/packing.py` prints the main table, one row per generated
+family (fixed seeds), then three smaller ones (the price of a shape mix, extra requests after
+an event, one `place()` pass at 100k demands), and writes them as markdown to
+`bench/results/packing.md`. With `--instances FILE.json` (`{"capacity": {...}, "demands":
+[{...}, ...]}`, resources as in `Resources`) it prints one JSON line with the allocs each
+packer used instead.
 
 A packer is a `Packer`: a name, a reason it is unavailable (None when it is), and a function
 from one capacity and a list of demands to the number of allocs used. Packers that need an
