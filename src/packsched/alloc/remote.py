@@ -509,7 +509,9 @@ class RemoteAlloc(Alloc):
         assignment, the kills and the exit order."""
         self._seen()
         with anyio.move_on_after(timeout):
-            while not (self.exiting or self._kills_unsent or self._undelivered()):
+            while not (
+                self.exiting or self._kills_unsent or self._undelivered() or self._registry.stopping
+            ):
                 await self._wakeup.wait()
         self._seen()
         # Every pending kill goes out again (a lost answer loses none), but only new ones
@@ -585,6 +587,13 @@ class AgentRegistry:
         self.started_at = time.monotonic()
         self._allocs: dict[str, RemoteAlloc] = {}
         self._gone: set[str] = set()
+        self.stopping = False
+
+    def release_polls(self) -> None:
+        """The server is stopping: answer every held poll now, and the next ones with "retry"."""
+        self.stopping = True
+        for alloc in self._allocs.values():
+            alloc._wake()
 
     def add(self, alloc: RemoteAlloc) -> None:
         """Track a new alloc; its agent may now register."""
@@ -659,6 +668,8 @@ class AgentRegistry:
         return self._find(req.alloc_id, req.agent_id).on_heartbeat(req)
 
     async def poll(self, req: PollRequest) -> PollResponse:
+        if self.stopping:
+            raise AgentNotYet("the daemon is stopping; poll again shortly")
         alloc = self._find(req.alloc_id, req.agent_id)
         timeout = min(max(req.timeout, 0.0), self.config.poll)
         return await alloc.on_poll(timeout)

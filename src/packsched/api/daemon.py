@@ -360,7 +360,14 @@ async def serve(config: DaemonConfig) -> None:
                 )
             )
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_drain_on_signal, api, scheduler, uv, config.server.drain_grace)
+                tg.start_soon(
+                    _drain_on_signal,
+                    api,
+                    scheduler,
+                    uv,
+                    config.server.drain_grace,
+                    cluster.registry.release_polls if isinstance(cluster, AgentCluster) else None,
+                )
                 log.info(
                     "listening",
                     url=url,
@@ -385,7 +392,11 @@ async def serve(config: DaemonConfig) -> None:
 
 
 async def _drain_on_signal(
-    api: ApiServer, scheduler: Scheduler, uv: uvicorn.Server, grace: float
+    api: ApiServer,
+    scheduler: Scheduler,
+    uv: uvicorn.Server,
+    grace: float,
+    release_polls: Callable[[], None] | None = None,
 ) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         received = await anext(aiter(signals))
@@ -411,4 +422,6 @@ async def _drain_on_signal(
                     await anyio.sleep(0.05)
                 tg.cancel_scope.cancel()
         api.stop()
+        if release_polls is not None:
+            release_polls()  # agents' long-polls too, or the server waits for them
         uv.should_exit = True
