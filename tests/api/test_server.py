@@ -257,11 +257,17 @@ async def test_wait_first_and_timeout(api: Api) -> None:
     assert r.status_code == 400 and r.json()["error"]["path"] == "$.timeout"
 
 
-async def test_as_completed_yields_each_task_once(api: Api) -> None:
-    """as_completed yields every task exactly once."""
-    tasks = await api.client.submit([spec() for _ in range(20)])
+@pytest.mark.parametrize("count", [20, 100])
+async def test_as_completed_yields_each_task_once(api: Api, count: int) -> None:
+    """as_completed yields every task exactly once, for few ids and for many (gathered polls)."""
+    tasks = await api.client.submit([spec() for _ in range(count // 2)])
+    tasks += await api.client.submit([spec() for _ in range(count - count // 2)])
     seen = [t.id async for t in api.client.as_completed([t.id for t in tasks], timeout=10)]
     assert sorted(seen) == sorted(t.id for t in tasks)
+    held = [await api.client.submit(spec(hold=True)) for _ in range(count)]
+    with pytest.raises(TimeoutError):
+        async for _ in api.client.as_completed([t.id for t in held], timeout=0.05):
+            pass
 
 
 async def test_list_filters_and_pages(api: Api) -> None:

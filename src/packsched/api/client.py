@@ -59,6 +59,8 @@ ReturnWhen = Literal["all", "first"]
 
 SUBMIT_CHUNK = 1000  # specs per request when a submit is larger
 WAIT_SLICE = 60.0  # longest single long-poll; the server may cap it lower
+FEW = 64  # as_completed: up to this many pending ids, each settled task is yielded at once
+GATHER = 1.0  # as_completed: with more pending, poll this often and yield what settled
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -268,7 +270,13 @@ class _Calls:
                 raise TimeoutError(
                     f"{len(pending)} of {len(ids)} tasks had not settled after {timeout}s"
                 )
-            answer: WaitResponse = yield _Calls.wait_once(pending, "first", min(left, WAIT_SLICE))
+            if len(pending) > FEW:
+                # Many ids: one poll a second at most, each gathering everything that settled,
+                # instead of a request (carrying every pending id) per settled task.
+                call = _Calls.wait_once(pending, "all", min(left, GATHER))
+            else:
+                call = _Calls.wait_once(pending, "first", min(left, WAIT_SLICE))
+            answer: WaitResponse = yield call
             pending = answer.pending
             for task in answer.tasks:
                 yield _Emit(task)
