@@ -483,16 +483,17 @@ class RemoteAlloc(Alloc):
         self._seen(req.running)
         for report in req.results:
             self.on_result(report)
-        if not req.resources.fits_in(self.resources):
-            short = ", ".join(self.resources.exceeding(req.resources))
-            if short:
-                log.warning(
-                    "agent measured less than its alloc holds",
-                    alloc_id=self.id,
-                    short=short,
-                    measured=req.resources.describe(),
-                    alloc=self.resources.describe(),
-                )
+        # The agent measures its machine (cores, memory; not GPUs): less than the alloc
+        # holds means the tasks may be squeezed, which an operator wants to know.
+        short = [d for d in ("cpu", "mem") if self.resources.amount(d) > req.resources.amount(d)]
+        if short:
+            log.warning(
+                "agent measured less than its alloc holds",
+                alloc_id=self.id,
+                short=", ".join(short),
+                measured=req.resources.describe(),
+                alloc=self.resources.describe(),
+            )
         self.registered.set()
 
     def on_heartbeat(self, req: HeartbeatRequest) -> HeartbeatResponse:
