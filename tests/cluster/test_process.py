@@ -221,3 +221,15 @@ mem = "128MiB"
         raise
     finally:
         await stop_daemon(daemon)
+
+
+async def test_reattach_takes_back_only_a_live_agent_of_this_provider(tmp_path: Path) -> None:
+    """After a restart, an alloc whose agent process is gone (or another provider's) is not
+    taken back; its tasks are then LOST by the scheduler."""
+    cluster = ProcessCluster(capacity=Resources(cpu=2), work_root=tmp_path / "work", lease=LEASE)
+    gone = {"provider": "process", "agent_pid": str(2**22 + 12345)}
+    assert await cluster.reattach("process-1", Resources(cpu=1), gone) is None
+    mine = {"provider": "process", "agent_pid": str(os.getpid())}  # alive, but not an agent
+    assert await cluster.reattach("process-2", Resources(cpu=1), mine) is None
+    assert await cluster.reattach("slurm-3", Resources(cpu=1), {"provider": "slurm"}) is None
+    assert cluster.available() == cluster.capacity

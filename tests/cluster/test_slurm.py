@@ -313,3 +313,18 @@ async def test_job_state_decides_the_keepalive(
         assert reason is None
     else:
         assert reason is not None and verdict in reason
+
+
+async def test_reattach_takes_back_a_job_still_running_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart, a job squeue says is running comes back (to wait for its agent); an
+    ended one does not."""
+    fake_slurm(tmp_path, monkeypatch, "echo '7 RUNNING'; echo '8 TIMEOUT'")
+    cluster = SlurmCluster(shapes=parse_sinfo("n 2 4000 (null) 0"), state_poll=0)
+    labels = {"provider": "slurm", "slurm_job_id": "7"}
+    alloc = await cluster.reattach("slurm-a", Resources(cpu=1), labels)
+    assert isinstance(alloc, RemoteAlloc) and cluster.registry.get("slurm-a") is alloc
+    ended = {"provider": "slurm", "slurm_job_id": "8"}
+    assert await cluster.reattach("slurm-b", Resources(cpu=1), ended) is None
+    assert await cluster.reattach("slurm-c", Resources(cpu=1), {"provider": "slurm"}) is None
