@@ -147,3 +147,38 @@ def test_progress_bar_only_on_a_terminal() -> None:
         bar.close()
     assert "2/2 settled, 1 not complete" in tty.getvalue() and tty.getvalue().endswith("\n")
     assert pipe.getvalue() == ""
+
+
+def test_serve_exits_1_when_the_port_is_taken(tmp_path: Path) -> None:
+    """serve on an address already in use exits 1 and says why."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "packsched",
+                "serve",
+                "--port",
+                str(port),
+                "--cluster",
+                "sim",
+                "--store",
+                "memory",
+                "--state-dir",
+                str(tmp_path),
+                "--log-format",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert "cannot start" in proc.stderr and "in use" in proc.stderr

@@ -3,7 +3,8 @@
 Exit codes (scripts may rely on them):
 
   0  success
-  1  a waited-for task did not complete (it failed, errored, was killed or skipped)
+  1  a waited-for task did not complete (it failed, errored, was killed or skipped);
+     for `serve`: the daemon could not start (address in use, store locked or corrupt)
   2  usage error or invalid input (bad flags, a bad spec, a bad config)
   3  the daemon cannot be reached (or stayed unavailable)
   4  the daemon refused the bearer token
@@ -40,6 +41,7 @@ from .task import Task, TaskState
 __all__ = ["main"]
 
 OK, NOT_COMPLETE, USAGE, UNREACHABLE, UNAUTHORIZED, NOT_FOUND, CONFLICT, TIMEOUT, OTHER = range(9)
+CANNOT_START = NOT_COMPLETE  # `serve` only
 
 _json = msgspec.json.Encoder()
 _wire_spec = msgspec.json.Decoder(WireTaskSpec)
@@ -184,7 +186,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     except ConfigError as exc:
         raise _Exit(USAGE, f"invalid configuration: {exc}") from None
     except (StoreError, OSError) as exc:
-        raise _Exit(NOT_COMPLETE, f"cannot start: {exc}") from None
+        raise _Exit(CANNOT_START, f"cannot start: {exc}") from None
     return OK
 
 
