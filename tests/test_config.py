@@ -52,7 +52,13 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         "PACKSCHED_URL": "http://elsewhere",  # a client variable: ignored here
         "PACKSCHED_TOKEN": "client-token",
     }
-    config = load_config(path, environ=env, overrides={"server.port": 9200, "log.level": "debug"})
+    overrides = {
+        "server.port": 9200,
+        "log.level": "debug",
+        "cluster.executor": "{ kill_grace = 1.5 }",
+    }
+    config = load_config(path, environ=env, overrides=overrides)
+    assert config.cluster.executor.kill_grace == 1.5  # type: ignore[union-attr]
     assert config.server.port == 9200
     assert config.server.host == "0.0.0.0"
     assert config.scheduler.max_pending_allocs == 7

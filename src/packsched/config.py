@@ -329,6 +329,8 @@ def load_config(
     _deep_merge(merged, env_layer)
     flags: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
+        if isinstance(value, str):  # --set scheduler.labels='{ team = "bio" }' as for env
+            value = _env_value(f"--set {key}", value)
         _set_dotted(flags, key.split("."), value)
     _deep_merge(merged, flags)
     return _convert(merged, strict=False, source=None)
