@@ -1,8 +1,8 @@
 """How many allocs does the offline packer need, against the lower bound and other packers?
 
 Run alone: `.venv/bin/python bench/packing.py` prints the main table, one row per generated
-family (fixed seeds), then three smaller ones (the price of a shape mix, extra requests after
-an event, one `place()` pass at 100k demands), and writes them as markdown to
+family (fixed seeds), then smaller ones (the price of a shape mix, alloc-hours with expected
+durations, extra requests after an event, one `place()` pass at 100k demands), and writes them as markdown to
 `bench/results/packing.md`. With `--instances FILE.json` (`{"capacity": {...}, "demands":
 [{...}, ...]}`, resources as in `Resources`) it prints one JSON line with the allocs each
 packer used instead.
@@ -328,6 +328,54 @@ def place_table(seed: int) -> tuple[list[str], list[list[object]]]:
     return headers, rows
 
 
+# -- durations ---------------------------------------------------------------------------------
+
+
+def duration_table(seed: int, n: int = 600) -> tuple[list[str], list[list[object]]]:
+    """Alloc-hours of the bins when every task starts at once and an alloc is given back when
+    its last task ends: packsched against the same packer with the durations hidden."""
+    cap = Resources(cpu=32, mem=128 * GiB)
+    headers = ["durations", "n", "allocs", "alloc-hours", "blind allocs", "blind alloc-hours"]
+    headers.append("blind/packsched")
+    draws: list[tuple[str, Callable[[random.Random], float]]] = [
+        ("60 s, 10 min or 1 h (+-20%)", lambda r: r.choice([60, 600, 3600]) * r.uniform(0.8, 1.2)),
+        ("log-normal (median 7 min)", lambda r: r.lognormvariate(6, 1.5)),
+    ]
+    rows: list[list[object]] = []
+    for name, draw in draws:
+        rng = random.Random(seed)
+        ds = [
+            Demand(
+                id=f"d{i:04}",
+                resources=Resources(
+                    cpu=round(rng.uniform(0.5, 12), 1), mem=int(rng.uniform(1, 48) * GiB)
+                ),
+                expected_duration=draw(rng),
+            )
+            for i in range(n)
+        ]
+        blind = [Demand(id=d.id, resources=d.resources) for d in ds]
+        lasts = {d.id: d.expected_duration or 0.0 for d in ds}
+        out: list[tuple[int, float]] = []
+        for demands in (ds, blind):
+            bins = pack(demands, [AllocShape(resources=cap)])
+            hours = sum(max(lasts[i] for i in b.demand_ids) for b in bins) / 3600
+            out.append((len(bins), hours))
+        rows.append(
+            [
+                name,
+                n,
+                out[0][0],
+                f"{out[0][1]:.1f}",
+                out[1][0],
+                f"{out[1][1]:.1f}",
+                ratio(out[1][1], out[0][1]),
+            ]
+        )
+    print("  durations: done", file=sys.stderr)
+    return headers, rows
+
+
 # -- replanning after an event -------------------------------------------------------------------
 
 MIN_ALLOC = Resources(cpu=1, mem=GiB, disk=GiB)
@@ -454,6 +502,9 @@ def report(seed: int) -> None:
     menu_headers, menu_rows = menu_table(seed)
     print()
     print(text_table(menu_headers, menu_rows))
+    duration_headers, duration_rows = duration_table(seed)
+    print()
+    print(text_table(duration_headers, duration_rows))
     replan_headers, replan_rows = replan_table(seed)
     print()
     print(text_table(replan_headers, replan_rows))
@@ -471,6 +522,11 @@ def report(seed: int) -> None:
         f"({', '.join(s.name for s in MENU)}). `largest only`: our packer restricted to the "
         "most expensive shape; `ray`: Ray's `get_nodes_for` over the same node types. Ratios "
         "above 1 mean that planner pays more than packsched."
+    )
+    duration_notes = (
+        "Uniform random cpu/mem demands with expected durations, all starting at once; an "
+        "alloc is paid until its last task ends. `blind`: the same packer with the durations "
+        "left out of the demands."
     )
     replan_notes = (
         "Each case: 10-30 mixed demands (cpu, mem, disk, some GPUs; three priorities) get a "
@@ -492,6 +548,10 @@ def report(seed: int) -> None:
         [
             ("Offline packer: allocs used", notes + "\n\n" + markdown_table(headers, rows)),
             ("Shape menus: price", menu_notes + "\n\n" + markdown_table(menu_headers, menu_rows)),
+            (
+                "Durations: tasks that end together share an alloc",
+                duration_notes + "\n\n" + markdown_table(duration_headers, duration_rows),
+            ),
             (
                 "plan(): asking again after an event",
                 replan_notes + "\n\n" + markdown_table(replan_headers, replan_rows),

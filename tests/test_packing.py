@@ -433,6 +433,20 @@ def test_shapes_without_price_cost_in_proportion_to_size() -> None:
     assert [b.shape.name for b in pack(ds, [small, large])] == ["large", "small"]
 
 
+def test_tasks_that_end_together_share_a_new_alloc() -> None:
+    """Short and long tasks of the same size go to separate allocs, so the short ones' alloc
+    can be given back early, without using more allocs."""
+    shape = AllocShape(resources=res(cpu=8, mem=8))
+    ds = [
+        Demand(id=f"t{i}", resources=res(cpu=2, mem=2), expected_duration=60.0 if i % 2 else 3600.0)
+        for i in range(8)
+    ]
+    bins = pack(ds, [shape])
+    assert len(bins) == 2
+    durations = {frozenset(ds[int(i[1:])].expected_duration for i in b.demand_ids) for b in bins}
+    assert durations == {frozenset({60.0}), frozenset({3600.0})}
+
+
 def test_demands_no_shape_holds_are_left_out() -> None:
     """A demand that no shape can hold gets no request (the scheduler settles it)."""
     ds = [Demand(id="huge", resources=res(cpu=128)), Demand(id="ok", resources=res(cpu=1))]
