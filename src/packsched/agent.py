@@ -33,9 +33,9 @@ import structlog
 
 from .alloc.local import ExecutorConfig, LocalExecutor
 from .alloc.remote import (
-    AgentNotYet,
-    AgentRejected,
-    AgentUnknown,
+    AgentNotYetError,
+    AgentRejectedError,
+    AgentUnknownError,
     AttemptRef,
     ByeRequest,
     HeartbeatRequest,
@@ -217,7 +217,7 @@ class Agent:
         try:
             with anyio.fail_after(self.config.register_timeout):
                 await self._ensure_registered()
-        except AgentRejected as exc:
+        except AgentRejectedError as exc:
             self._leave(str(exc))
         except TimeoutError:
             self._leave(
@@ -241,7 +241,7 @@ class Agent:
     # -- calls ------------------------------------------------------------------------------
 
     async def _call(self, path: str, body: msgspec.Struct, kind: type[_T] | None) -> _T | None:
-        """POST one message. Raises AgentUnknown / AgentRejected / AgentNotYet per the
+        """POST one message. Raises AgentUnknownError / AgentRejectedError / AgentNotYetError per the
         protocol, `_Transient` for anything worth retrying."""
         assert self._client is not None
         try:
@@ -257,11 +257,11 @@ class Agent:
         self._unreachable_since = None
         status = response.status_code
         if status == 404:
-            raise AgentUnknown(response.text)
+            raise AgentUnknownError(response.text)
         if status == 410:
-            raise AgentRejected(_message(response))
+            raise AgentRejectedError(_message(response))
         if status == 503:
-            raise AgentNotYet(_message(response))
+            raise AgentNotYetError(_message(response))
         if status in (401, 400, 413):
             # A misconfigured agent (wrong token) or a protocol fault: retrying may help after
             # an operator fixes it, and killing running work would not.
@@ -285,7 +285,7 @@ class Agent:
         """Register (again), retrying with backoff until the daemon answers.
 
         Raises:
-            AgentRejected: the daemon will never take this alloc.
+            AgentRejectedError: the daemon will never take this alloc.
         """
         async with self._register_lock:
             delay = _RETRY_INITIAL
@@ -302,7 +302,7 @@ class Agent:
                 )
                 try:
                     answer = await self._call("register", request, RegisterResponse)
-                except (_Transient, AgentNotYet, AgentUnknown) as exc:
+                except (_Transient, AgentNotYetError, AgentUnknownError) as exc:
                     log.info("cannot register yet; retrying", error=str(exc), retry_in=delay)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, self._retry_max())
@@ -328,10 +328,10 @@ class Agent:
             await self._ensure_registered()
             try:
                 return await self._call(path, body, kind)
-            except AgentUnknown:
+            except AgentUnknownError:
                 log.info("the daemon forgot this agent; registering again")
                 self._registered = False
-            except AgentNotYet as exc:
+            except AgentNotYetError as exc:
                 raise _Transient(str(exc)) from None
 
     # -- loops ------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ class Agent:
             )
             try:
                 answer = await self._protocol_call("heartbeat", request, HeartbeatResponse)
-            except AgentRejected as exc:
+            except AgentRejectedError as exc:
                 self._leave(str(exc))
                 return
             except _Transient as exc:
@@ -372,7 +372,7 @@ class Agent:
             )
             try:
                 answer = await self._protocol_call("poll", request, PollResponse)
-            except AgentRejected as exc:
+            except AgentRejectedError as exc:
                 self._leave(str(exc))
                 return
             except _Transient as exc:
@@ -398,7 +398,7 @@ class Agent:
                 continue
             try:
                 await self._send_outbox()
-            except AgentRejected as exc:
+            except AgentRejectedError as exc:
                 self._leave(str(exc))
                 return
             except _Transient as exc:

@@ -27,7 +27,7 @@ class InvalidSpecError(PackschedError, ValueError):
         self.path = path
 
 
-class InvalidTransition(PackschedError):  # noqa: N818 - the public name is fixed by the design
+class InvalidTransition(PackschedError):
     """A control asked for a state change the transition table does not allow."""
 
     def __init__(self, task_id: str, current: str, target: str, action: str) -> None:

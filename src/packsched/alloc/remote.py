@@ -37,8 +37,8 @@ from ..task import Task, TaskError, TaskOutput, TaskResult
 __all__ = [
     "AgentCluster",
     "AgentRegistry",
-    "AgentRejected",
-    "AgentUnknown",
+    "AgentRejectedError",
+    "AgentUnknownError",
     "AttemptRef",
     "ByeRequest",
     "HeartbeatRequest",
@@ -173,16 +173,16 @@ class ByeRequest(_Wire, frozen=True, kw_only=True, forbid_unknown_fields=True):
     reason: str = ""
 
 
-class AgentUnknown(AllocationError):
+class AgentUnknownError(AllocationError):
     """The daemon does not know this agent (it restarted, or the agent never registered):
     register again."""
 
 
-class AgentRejected(AllocationError):
+class AgentRejectedError(AllocationError):
     """The daemon will never take this agent (its alloc was freed or is unknown): exit."""
 
 
-class AgentNotYet(AllocationError):
+class AgentNotYetError(AllocationError):
     """The daemon is resuming and does not know this alloc yet: retry shortly."""
 
 
@@ -628,23 +628,27 @@ class AgentRegistry:
         alloc = self._allocs.get(alloc_id)
         if alloc is None:
             if alloc_id in self._gone:
-                raise AgentRejected(f"alloc {alloc_id} was freed; exit")
+                raise AgentRejectedError(f"alloc {alloc_id} was freed; exit")
             if time.monotonic() < self.started_at + self.config.grace:
-                raise AgentNotYet(f"alloc {alloc_id} is not known yet (the daemon is resuming)")
-            raise AgentRejected(f"alloc {alloc_id} is unknown to this daemon; exit")
+                raise AgentNotYetError(
+                    f"alloc {alloc_id} is not known yet (the daemon is resuming)"
+                )
+            raise AgentRejectedError(f"alloc {alloc_id} is unknown to this daemon; exit")
         if agent_id is not None and alloc.agent_id != agent_id:
             if alloc.exiting:
-                raise AgentRejected(f"alloc {alloc_id} is being freed; exit")
-            raise AgentUnknown(f"agent {agent_id} is not registered for alloc {alloc_id}")
+                raise AgentRejectedError(f"alloc {alloc_id} is being freed; exit")
+            raise AgentUnknownError(f"agent {agent_id} is not registered for alloc {alloc_id}")
         return alloc
 
     # -- the protocol ----------------------------------------------------------------------
 
     def register(self, req: RegisterRequest) -> RegisterResponse:
-        """Raises `AgentRejected` (exit) or `AgentNotYet` (retry)."""
+        """Raises `AgentRejectedError` (exit) or `AgentNotYetError` (retry)."""
         alloc = self._find(req.alloc_id, None)
         if alloc.exiting or alloc.dead_reason is not None:
-            raise AgentRejected(f"alloc {alloc.id} is {'freed' if alloc.exiting else 'dead'}; exit")
+            raise AgentRejectedError(
+                f"alloc {alloc.id} is {'freed' if alloc.exiting else 'dead'}; exit"
+            )
         if alloc.agent_id is not None and alloc.agent_id != req.agent_id:
             # A second agent for one alloc (a requeued job, say): the first one's attempts
             # cannot be trusted to still run, so the alloc is dead and both must go.
@@ -652,7 +656,7 @@ class AgentRegistry:
                 f"a second agent ({req.agent_id} on {req.hostname}) registered for alloc "
                 f"{alloc.id}, whose agent was {alloc.agent_id}"
             )
-            raise AgentRejected(f"alloc {alloc.id} already has an agent; exit")
+            raise AgentRejectedError(f"alloc {alloc.id} already has an agent; exit")
         alloc.on_register(req)
         log.info(
             "agent registered",
@@ -670,7 +674,7 @@ class AgentRegistry:
 
     async def poll(self, req: PollRequest) -> PollResponse:
         if self.stopping:
-            raise AgentNotYet("the daemon is stopping; poll again shortly")
+            raise AgentNotYetError("the daemon is stopping; poll again shortly")
         alloc = self._find(req.alloc_id, req.agent_id)
         timeout = min(max(req.timeout, 0.0), self.config.poll)
         return await alloc.on_poll(timeout)
@@ -682,7 +686,7 @@ class AgentRegistry:
         self._find(req.alloc_id, req.agent_id).on_result(req)
 
     def bye(self, req: ByeRequest) -> None:
-        with contextlib.suppress(AgentRejected, AgentUnknown, AgentNotYet):
+        with contextlib.suppress(AgentRejectedError, AgentUnknownError, AgentNotYetError):
             self._find(req.alloc_id, req.agent_id).on_bye(req)
 
 

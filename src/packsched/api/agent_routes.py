@@ -19,10 +19,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..alloc.remote import (
-    AgentNotYet,
+    AgentNotYetError,
     AgentRegistry,
-    AgentRejected,
-    AgentUnknown,
+    AgentRejectedError,
+    AgentUnknownError,
     ByeRequest,
     HeartbeatRequest,
     PollRequest,
@@ -115,11 +115,11 @@ def agent_app(registry: AgentRegistry) -> Starlette:
                 return await fn(request)
             except _BadRequest as exc:
                 return _error(exc.status, exc.code, str(exc), exc.path)
-            except AgentUnknown as exc:
+            except AgentUnknownError as exc:
                 return _error(404, "unknown-agent", str(exc))
-            except AgentRejected as exc:
+            except AgentRejectedError as exc:
                 return _error(410, "exit", str(exc))
-            except AgentNotYet as exc:
+            except AgentNotYetError as exc:
                 return _error(503, "retry", str(exc))
 
         endpoint.__name__ = fn.__name__
