@@ -513,7 +513,7 @@ def report(seed: int) -> None:
     print(text_table(place_headers, place_rows))
     notes = (
         f"Allocs used per packer (identical allocs per family), seed {seed}; times are the "
-        f"median of {REPEATS} runs. Ratios below 1 in packsched/ffd mean fewer allocs than "
+        f"median of up to {REPEATS} runs (fewer once {MAX_SECONDS} s is spent). Ratios below 1 in packsched/ffd mean fewer allocs than "
         "first-fit-decreasing. `ray` is the Ray autoscaler's `get_nodes_for` with its default "
         "utilization scorer (skipped when Ray is not installed)."
     )

@@ -901,6 +901,7 @@ def plan(
         min_alloc: the least a request asks for in every dimension (clipped to the shape).
         max_new: how many new requests may be made now.
     """
+    max_new = max(0, max_new)
     ordered = sorted(unplaced, key=_urgency)
     full = [p.requirements.full for p in pending]
     space = _Space(
