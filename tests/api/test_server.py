@@ -53,6 +53,14 @@ async def test_submit_is_idempotent_by_key(api: Api) -> None:
     assert a.id != b.id and a.spec.key and b.spec.key and a.spec.key != b.spec.key
 
 
+async def test_client_adapts_to_a_lower_batch_limit(api: Api) -> None:
+    """A submit larger than the daemon's max_batch is split until it fits, in order."""
+    specs = [spec(name=f"t{i}") for i in range(LIMITS.max_batch * 2 + 7)]
+    tasks = await api.client.submit(specs)
+    assert [t.spec.name for t in tasks] == [s.name for s in specs]
+    assert len(api.scheduler.list_tasks()) == len(specs)
+
+
 async def test_a_bad_spec_fails_the_whole_batch(api: Api) -> None:
     """One bad spec in a batch: 400 naming its path, and none of the batch is accepted."""
     good = {"command": ["true"]}

@@ -190,9 +190,18 @@ class _Calls:
     def submit(specs: Sequence[TaskSpec]) -> Flow[list[Task]]:
         keyed = [_with_key(s) for s in specs]
         out: list[Task] = []
-        for start in range(0, len(keyed), SUBMIT_CHUNK):
-            body = _encoder.encode({"tasks": keyed[start : start + SUBMIT_CHUNK]})
-            response: SubmitResponse = yield _Call("POST", "/v1/tasks", _tasks, body)
+        chunk = SUBMIT_CHUNK
+        while len(out) < len(keyed):
+            body = _encoder.encode({"tasks": keyed[len(out) : len(out) + chunk]})
+            try:
+                response: SubmitResponse = yield _Call("POST", "/v1/tasks", _tasks, body)
+            except ApiError as exc:
+                # The daemon's body or batch limit is lower than this chunk: halve and go on.
+                # Nothing of a refused batch was accepted, and keys make a repeat harmless.
+                if exc.status != 413 or chunk == 1:
+                    raise
+                chunk //= 2
+                continue
             out += response.tasks
         return out
 
@@ -443,10 +452,16 @@ class Client(_Base):
             attempt += 1
 
     def _drive(self, flow: Flow[T]) -> T:
-        answer: Any = None
+        """Run a flow: execute each call it yields, send back the answer or throw the error."""
         try:
+            call = next(flow)
             while True:
-                answer = self._execute(flow.send(answer))
+                try:
+                    answer = self._execute(call)
+                except PackschedError as exc:
+                    call = flow.throw(exc)
+                else:
+                    call = flow.send(answer)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
@@ -617,10 +632,16 @@ class AsyncClient(_Base):
             attempt += 1
 
     async def _drive(self, flow: Flow[T]) -> T:
-        answer: Any = None
+        """See `Client._drive`."""
         try:
+            call = next(flow)
             while True:
-                answer = await self._execute(flow.send(answer))
+                try:
+                    answer = await self._execute(call)
+                except PackschedError as exc:
+                    call = flow.throw(exc)
+                else:
+                    call = flow.send(answer)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
