@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from packsched import (
+    AllocShape,
     GiB,
     InvalidSpecError,
     InvalidTransition,
@@ -18,6 +19,7 @@ from packsched import (
     TaskSpec,
     TaskState,
 )
+from packsched.cluster import SimCluster
 from packsched.testing import ManualCluster, error_codes, wait_until
 
 from .conftest import hosted
@@ -383,3 +385,25 @@ async def test_prune_forgets_old_settled_tasks(cluster: ManualCluster, sched: Sc
     assert [t.id for t in sched.list_tasks()] == [waiting.id]
     [again] = await sched.submit(spec(key="old", hold=True))
     assert again.id != done.id
+
+
+async def test_big_task_is_not_starved_by_small_ones_when_the_cluster_is_full() -> None:
+    """When no new alloc can come, a waiting big task holds a room; small tasks behind it wait."""
+    cluster = SimCluster([AllocShape(resources=Resources(cpu=2, mem=4 * GiB))], max_allocs=1)
+    async with Scheduler(cluster, config=FAST) as sched:
+        # The two running tasks end at different times, so each end frees one core only.
+        smalls = await sched.submit(
+            spec(cpu=1, mem=1 * GiB, expected_duration=0.1),
+            spec(cpu=1, mem=1 * GiB, expected_duration=0.3),
+        )
+        await wait_until(lambda: all(sched.get(t.id).state is S.RUNNING for t in smalls))
+        [big] = await sched.submit(spec(cpu=2, mem=2 * GiB, expected_duration=0.05))
+        later = await sched.submit(
+            *[spec(cpu=1, mem=1 * GiB, expected_duration=0.3) for _ in range(4)]
+        )
+        big = await sched.wait(big.id)
+        assert big.state is S.COMPLETE
+        assert big.started_at is not None
+        for t in later:
+            done = await sched.wait(t.id)
+            assert done.started_at is not None and done.started_at >= big.started_at

@@ -162,6 +162,8 @@ class _TaskEntry:
     write_seq: int = 0  # the committer sequence number of the latest change
     ready_at: float = 0.0  # monotonic time it last became WAITING (for queue-wait stats)
     queue_wait: float | None = None  # how long the latest attempt waited to be placed
+    demand: packing.Demand | None = None  # cached view for packing
+    expected_end: float | None = None  # monotonic time the running attempt should end
 
 
 @dataclass(eq=False, slots=True)
@@ -188,6 +190,7 @@ class _AllocEntry:
 class _Request:
     id: str
     requirements: Requirements
+    demand_ids: tuple[str, ...] = ()  # the tasks the planner made it for
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
@@ -483,6 +486,7 @@ class Scheduler:
             raise InvalidTransition(task_id, state.value, state.value, "reprioritise")
         spec = msgspec.structs.replace(entry.task.spec, priority=priority)
         self._update(entry, msgspec.structs.replace(entry.task, spec=spec))
+        entry.demand = None
         if task_id in self._ready:
             self._ready_sorted = None
             self._wake()
@@ -727,6 +731,7 @@ class Scheduler:
 
     def _enqueue(self, entry: _TaskEntry, *, head: bool = False) -> None:
         """Make a WAITING task a candidate for placement (once its dependencies completed)."""
+        entry.demand = None
         if head:
             entry.order = self._next_head_order
             self._next_head_order -= 1
@@ -840,17 +845,24 @@ class Scheduler:
         if not self._placing:
             return
         ready = self._sorted_ready()
+        now = self.clock.monotonic()
         rooms = [
-            packing.Room(id=a.alloc.id, capacity=a.capacity, free=a.free)
+            packing.Room(
+                id=a.alloc.id,
+                capacity=a.capacity,
+                free=a.free,
+                expected_free_at=self._expected_free_at(a, now),
+            )
             for a in self._allocs.values()
             if not (a.dead or a.freeing)
         ]
-        now = self.clock.monotonic()
         can_request = now >= self._backoff_until
         max_new = self.config.max_pending_allocs - len(self._requests) if can_request else 0
-        demands = [self._demand(e) for e in ready]
+        demands = [e.demand or self._demand(e) for e in ready]
         if rooms and demands:
-            placement = self._policy.place(demands, rooms, can_grow=max_new > 0)
+            # Rooms are held for big waiting tasks only when no new alloc can come to them.
+            can_grow = can_request and self.cluster.can_grow()
+            placement = self._policy.place(demands, rooms, can_grow=can_grow)
             for task_id, alloc_id in placement.assignments:
                 self._start(self._tasks[task_id], self._allocs[alloc_id])
             unplaced = placement.unplaced
@@ -859,7 +871,7 @@ class Scheduler:
         if len(unplaced) != len(demands):
             self._ready_sorted = [e for e in ready if e.task.id in self._ready]
         pending = [
-            packing.PendingRequest(id=r.id, requirements=r.requirements)
+            packing.PendingRequest(id=r.id, requirements=r.requirements, demand_ids=r.demand_ids)
             for r in self._requests.values()
         ]
         if not unplaced and not pending:
@@ -873,12 +885,18 @@ class Scheduler:
         )
         for request_id in plan.cancel:
             self._requests[request_id].scope.cancel()
-        for requirements in plan.requests:
-            self._request(requirements)
+        # Each request remembers the tasks it was made for, so that later passes count those
+        # tasks in it instead of re-packing them into new requests after every event.
+        for i, requirements in enumerate(plan.requests):
+            ids = plan.request_demands[i] if i < len(plan.request_demands) else ()
+            self._request(requirements, ids)
 
     def _start(self, entry: _TaskEntry, alloc: _AllocEntry) -> None:
         self._ready.pop(entry.task.id, None)
-        entry.queue_wait = self.clock.monotonic() - entry.ready_at
+        now = self.clock.monotonic()
+        entry.queue_wait = now - entry.ready_at
+        duration = entry.demand.expected_duration if entry.demand else None
+        entry.expected_end = now + duration if duration is not None else None
         self._transition(entry, S.STAGING, action="place", alloc_id=alloc.alloc.id)
         alloc.used = alloc.used + entry.task.spec.resources
         alloc.tasks.add(entry.task.id)
@@ -905,9 +923,17 @@ class Scheduler:
                 self._tg.start_soon(self._run, entry, entry.alloc)
         self._to_launch = keep
 
+    def _expected_free_at(self, a: _AllocEntry, now: float) -> float | None:
+        """When the alloc's running tasks are expected to have ended, in seconds from now."""
+        ends = [self._tasks[t].expected_end for t in a.tasks]
+        if not ends or None in ends:
+            return None
+        return max(0.0, max(e for e in ends if e is not None) - now)
+
     def _demand(self, entry: _TaskEntry) -> packing.Demand:
+        """The task as packing sees it, cached until its priority or order changes."""
         spec = entry.task.spec
-        return packing.Demand(
+        entry.demand = packing.Demand(
             id=entry.task.id,
             resources=spec.resources,
             priority=spec.priority,
@@ -915,6 +941,7 @@ class Scheduler:
             # Undeclared durations are learned from the kind's history (its median).
             expected_duration=spec.expected_duration or self._history.expected_duration(spec.kind),
         )
+        return entry.demand
 
     # -- running one attempt ---------------------------------------------------------------
 
@@ -1037,8 +1064,8 @@ class Scheduler:
 
     # -- allocs ----------------------------------------------------------------------------
 
-    def _request(self, requirements: Requirements) -> None:
-        request = _Request(id=new_task_id(), requirements=requirements)
+    def _request(self, requirements: Requirements, demand_ids: tuple[str, ...] = ()) -> None:
+        request = _Request(id=new_task_id(), requirements=requirements, demand_ids=demand_ids)
         self._requests[request.id] = request
         self._recorder.alloc_requested()
         assert self._tg is not None

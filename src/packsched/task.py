@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 from enum import StrEnum
 from typing import Literal
 
@@ -177,8 +178,6 @@ _ID = re.compile(r"^[0-9a-f]{16}$")
 
 def new_task_id() -> str:
     """A fresh task id: 16 lowercase hex digits."""
-    import secrets
-
     return secrets.token_hex(8)
 
 

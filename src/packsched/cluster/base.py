@@ -75,6 +75,12 @@ class Cluster(abc.ABC):
         """Whether any alloc this cluster could ever grant would hold `resources`."""
         return any(resources.fits_in(shape.resources) for shape in self.shapes())
 
+    def can_grow(self) -> bool:
+        """Whether a new alloc could be granted soon. False when the cluster is full now (a
+        request is already waiting for room), so the scheduler holds rooms for big waiting
+        tasks instead of letting small ones starve them."""
+        return True
+
     def max_alloc(self) -> Resources:
         """The largest alloc on offer in every dimension (for messages, not for planning)."""
         largest = Resources()

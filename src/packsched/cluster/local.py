@@ -113,6 +113,10 @@ class LocalCluster(Cluster):
         """What is not allocated now."""
         return self.capacity - self._allocated
 
+    def can_grow(self) -> bool:
+        """False while a request waits for room on this machine."""
+        return self._waiting == 0
+
     def waiting(self) -> int:
         """How many allocate calls are waiting for room now."""
         return self._waiting

@@ -142,9 +142,14 @@ class SimCluster(Cluster):
             self._largest = self._largest.max(shape.resources)
         self._billed = [0.0, 0.0, 0.0, 0.0]  # cpu-s, mem-byte-s, gpu-s, cost
         self._started = 0
+        self._waiting = 0
 
     def shapes(self) -> Sequence[AllocShape]:
         return self._shapes
+
+    def can_grow(self) -> bool:
+        """False while a request waits for an alloc to be freed (at `max_allocs`)."""
+        return self._waiting == 0
 
     def live(self) -> list[SimAlloc]:
         """Allocs granted and not yet freed."""
@@ -167,8 +172,12 @@ class SimCluster(Cluster):
                 f"no shape holds {requirements.min.describe()}; the largest is {self._largest.describe()}"
             )
         shape = min(fitting, key=lambda s: (_price(s, self._largest), s.name))
-        while self.max_allocs is not None and len(self.live()) >= self.max_allocs:
-            await self._freed.wait()
+        self._waiting += 1
+        try:
+            while self.max_allocs is not None and len(self.live()) >= self.max_allocs:
+                await self._freed.wait()
+        finally:
+            self._waiting -= 1
         if self.startup_delay > 0:
             await self.clock.sleep(self.startup_delay)
         alloc = SimAlloc(self, shape, labels, next(self._ids))
