@@ -811,3 +811,13 @@ def test_move_in_makes_room_by_moving_one_item() -> None:
     assert sorted(a.items) == [0, 2]
     assert b.items == [1]
     assert not _move_in(1, [_Bin(0, (4.0,))], vecs)
+
+
+def test_thousands_of_tiny_demands_fill_large_bins() -> None:
+    """10,000 demands of 0.01 cpu need two 64-cpu allocs, not one per search budget."""
+    shape = AllocShape(resources=Resources(cpu=64, mem=256 * GiB))
+    demands = [
+        Demand(id=str(i), resources=Resources(cpu=0.01, mem=1), order=i) for i in range(10_000)
+    ]
+    result = plan(demands, [], [shape], min_alloc=Resources(), max_new=5)
+    assert len(result.requests) == 2

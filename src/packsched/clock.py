@@ -7,6 +7,7 @@ packsched follows it, so hours of a trace replay in seconds.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import anyio
@@ -22,11 +23,16 @@ class Clock:
 
     def monotonic(self) -> float:
         """Seconds on the event loop's clock (virtual if the loop's time is)."""
-        return anyio.current_time()
+        try:
+            # The asyncio loop's own clock, without anyio's backend lookup: this is read on
+            # every state change.
+            return asyncio.get_running_loop().time()
+        except RuntimeError:  # another backend (trio)
+            return anyio.current_time()
 
     def now(self) -> float:
         """Seconds since the epoch, advancing with the event loop's clock."""
-        loop_now = anyio.current_time()
+        loop_now = self.monotonic()
         if self._anchor is None:
             self._anchor = (time.time(), loop_now)
         wall, loop = self._anchor

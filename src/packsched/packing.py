@@ -545,8 +545,8 @@ def _fill(
     """The subset of `pool` that fills `free` with the least normalised slack left.
 
     A depth-first search over the pool in its order (largest first): its first path is the
-    first-fit fill, and within `budget` examined items it looks for a better one, stopping at an
-    exact fill. Items identical to one just backed out of are skipped (same subsets again),
+    first-fit fill (whatever its length: thousands of tiny tasks fill one large alloc), and
+    within `budget` further examined items it looks for a better one, stopping at an exact fill. Items identical to one just backed out of are skipped (same subsets again),
     and a sorted sizes array skips items too large for what is left.
     """
     n = len(pool)
@@ -558,11 +558,12 @@ def _fill(
     chosen: list[int] = []  # positions in pool
     pos = 0
     nodes = 0
+    searching = False  # the first (first-fit) path is free; the budget bounds the search after it
     while True:
         pos = max(pos, bisect_left(neg, -slack - _EPS))
         taken = False
         while pos < n and nodes < budget:
-            nodes += 1
+            nodes += searching
             d = vecs[pool[pos]]
             if _fits(d, room):
                 for k, x in enumerate(d):
@@ -582,6 +583,7 @@ def _fill(
             continue
         if not chosen or nodes >= budget:
             break
+        searching = True
         last = chosen.pop()
         d = vecs[pool[last]]
         for k, x in enumerate(d):

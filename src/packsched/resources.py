@@ -147,6 +147,21 @@ class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     extra: dict[str, float] = {}
 
     def __post_init__(self) -> None:
+        cpu, mem, disk, gpu = self.cpu, self.mem, self.disk, self.gpu
+        # The common case (plain non-negative numbers, no extras) is checked in one expression:
+        # the scheduler builds vectors on every placement and completion.
+        if (
+            not self.extra
+            and (type(cpu) is float or type(cpu) is int)
+            and 0 <= cpu < math.inf
+            and type(mem) is int
+            and type(disk) is int
+            and type(gpu) is int
+            and mem >= 0
+            and disk >= 0
+            and gpu >= 0
+        ):
+            return
         _check_amount("cpu", self.cpu)
         for name in ("mem", "disk", "gpu"):
             value = getattr(self, name)
