@@ -92,14 +92,36 @@ def _task_rows(tasks: Sequence[Task]) -> list[list[object]]:
             t.spec.display_name(),
             t.spec.run or "",
             t.alloc_id or "",
+            t.attempt,
             _exit_code(t),
+            *_used(t),
             _ago(t.submitted_at),
         ]
         for t in tasks
     ]
 
 
-_TASK_HEADER = ("ID", "STATE", "PRI", "NAME", "RUN", "ALLOC", "EXIT", "SUBMITTED")
+def _used(t: Task) -> tuple[str, str]:
+    """Duration and peak memory of the latest attempt, for the task tables."""
+    stats = t.result.output.runtime_statistics if t.result else None
+    if stats is None:
+        return "", ""
+    return f"{stats.duration:.2f}s", format_bytes(stats.memory) if stats.memory else ""
+
+
+_TASK_HEADER = (
+    "ID",
+    "STATE",
+    "PRI",
+    "NAME",
+    "RUN",
+    "ALLOC",
+    "TRY",
+    "EXIT",
+    "TIME",
+    "PEAK MEM",
+    "SUBMITTED",
+)
 
 
 def _print_json(obj: Any, out: TextIO) -> None:
