@@ -69,5 +69,12 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # uvicorn's loggers may carry a level or handlers of their own (from a uvicorn.Config made
+    # earlier in this process); they follow the daemon's level and format instead.
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
     # uvicorn's access log would print every request; the API logs what matters itself.
     logging.getLogger("uvicorn.access").disabled = True
