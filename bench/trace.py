@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, ratio, text_table, write_markdown
 from baseline import ReferencePolicy
 
-from packsched import GiB, Resources, Scheduler, SchedulerConfig, TaskSpec
+from packsched import GiB, Resources, Scheduler, SchedulerConfig, TaskSpec, packing
 from packsched.clock import Clock
 from packsched.cluster import SimCluster
 from packsched.log import configure_logging
@@ -350,6 +350,15 @@ def replay(trace: Sequence[TraceTask], policy: PackingPolicy | None, setup: Setu
 
 # -- the command ---------------------------------------------------------------------------
 
+
+class _Hybrid:
+    """One policy's `place` with another's `plan`: tells which half a cost difference comes from."""
+
+    def __init__(self, placer: PackingPolicy, planner: PackingPolicy) -> None:
+        self.place = placer.place
+        self.plan = planner.plan
+
+
 _SHAPES = tuple(
     AllocShape(resources=Resources(cpu=c, mem=4 * c * GiB, disk=100 * GiB), name=f"{c}cpu")
     for c in (4, 8, 16)
@@ -365,6 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=60.0, help="max_alloc_idle_time")
     parser.add_argument("--max-pending", type=int, default=5, help="max_pending_allocs")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also run each policy's place() with the other's plan()",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results")
     args = parser.parse_args(argv)
     configure_logging("error", "console")
@@ -415,7 +429,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         ours = replay(trace, None, setup)
         base = replay(trace, ReferencePolicy(), setup)
-        for label, o in (("packsched", ours), ("reference design", base)):
+        runs = [("packsched", ours), ("reference design", base)]
+        if args.ablation:
+            ref = ReferencePolicy()
+            runs.append(
+                ("packsched place + reference plan", replay(trace, _Hybrid(packing, ref), setup))
+            )
+            runs.append(
+                ("reference place + packsched plan", replay(trace, _Hybrid(ref, packing), setup))
+            )
+        for label, o in runs:
             rows.append(
                 [
                     name,
