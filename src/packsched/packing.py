@@ -534,6 +534,16 @@ class _Bin:
 _SEARCH_BUDGET = 3000
 
 
+def _next_distinct(pool: Sequence[int], vecs: Sequence[_Vec]) -> list[int]:
+    """For each position of `pool`, the next position holding a different vector (or the end),
+    so that backing out of an item skips all its identical followers in one step."""
+    n = len(pool)
+    out = [n] * n
+    for i in range(n - 2, -1, -1):
+        out[i] = i + 1 if vecs[pool[i + 1]] != vecs[pool[i]] else out[i + 1]
+    return out
+
+
 def _fill(
     free: Sequence[float],
     pool: Sequence[int],
@@ -559,6 +569,7 @@ def _fill(
     pos = 0
     nodes = 0
     searching = False  # the first (first-fit) path is free; the budget bounds the search after it
+    next_distinct: list[int] | None = None  # built on the first backtrack
     while True:
         pos = max(pos, bisect_left(neg, -slack - _EPS))
         taken = False
@@ -584,14 +595,15 @@ def _fill(
         if not chosen or nodes >= budget:
             break
         searching = True
+        nodes += 1  # a backtrack counts too, so identical items cannot make it unbounded
         last = chosen.pop()
         d = vecs[pool[last]]
         for k, x in enumerate(d):
             room[k] += x
         slack += size[pool[last]]
-        pos = last + 1
-        while pos < n and vecs[pool[pos]] == d:
-            pos += 1
+        if next_distinct is None:
+            next_distinct = _next_distinct(pool, vecs)
+        pos = next_distinct[last]
     return [pool[p] for p in best]
 
 

@@ -180,6 +180,22 @@ class _AllocEntry:
     created_wall: float = 0.0
     idle_wall: float | None = None
     scope: anyio.CancelScope | None = None
+    # When its running tasks should end, kept incrementally (a pass must not walk every task).
+    unknown_ends: int = 0  # running tasks with no expected duration
+    max_end: float = -math.inf
+    max_end_stale: bool = False
+
+    def add_end(self, end: float | None) -> None:
+        if end is None:
+            self.unknown_ends += 1
+        else:
+            self.max_end = max(self.max_end, end)
+
+    def remove_end(self, end: float | None) -> None:
+        if end is None:
+            self.unknown_ends -= 1
+        elif end >= self.max_end:
+            self.max_end_stale = True
 
     @property
     def free(self) -> Resources:
@@ -897,6 +913,7 @@ class Scheduler:
         entry.queue_wait = now - entry.ready_at
         duration = entry.demand.expected_duration if entry.demand else None
         entry.expected_end = now + duration if duration is not None else None
+        alloc.add_end(entry.expected_end)
         self._transition(entry, S.STAGING, action="place", alloc_id=alloc.alloc.id)
         alloc.used = alloc.used + entry.task.spec.resources
         alloc.tasks.add(entry.task.id)
@@ -925,10 +942,13 @@ class Scheduler:
 
     def _expected_free_at(self, a: _AllocEntry, now: float) -> float | None:
         """When the alloc's running tasks are expected to have ended, in seconds from now."""
-        ends = [self._tasks[t].expected_end for t in a.tasks]
-        if not ends or None in ends:
+        if not a.tasks or a.unknown_ends:
             return None
-        return max(0.0, max(e for e in ends if e is not None) - now)
+        if a.max_end_stale:
+            ends = (self._tasks[t].expected_end for t in a.tasks)
+            a.max_end = max((e for e in ends if e is not None), default=-math.inf)
+            a.max_end_stale = False
+        return max(0.0, a.max_end - now)
 
     def _demand(self, entry: _TaskEntry) -> packing.Demand:
         """The task as packing sees it, cached until its priority or order changes."""
@@ -972,6 +992,7 @@ class Scheduler:
             entry.scope = None
             entry.alloc = None
             alloc.tasks.discard(task_id)
+            alloc.remove_end(entry.expected_end)
             alloc.used = alloc.used - entry.task.spec.resources
             if not alloc.tasks:
                 alloc.idle_since = self.clock.monotonic()
@@ -1330,6 +1351,8 @@ class Scheduler:
     def _reattach(self, entry: _TaskEntry, a: _AllocEntry) -> None:
         a.used = a.used + entry.task.spec.resources
         a.tasks.add(entry.task.id)
+        entry.expected_end = None
+        a.add_end(None)
         a.idle_since = None
         a.idle_wall = None
         entry.alloc = a
