@@ -48,7 +48,7 @@ def test_instances_file_prints_allocs_and_cpsat(tmp_path: Path) -> None:
     if line["cpsat_status"].startswith("skipped"):
         assert line["cpsat"] is None
     else:
-        assert line["cpsat"] == 5 and line["cpsat_status"] == "OPTIMAL"
+        assert line["cpsat"] == 5 and line["cpsat_status"].startswith("OPTIMAL")
 
 
 def test_instances_file_with_a_demand_too_big_names_it(tmp_path: Path) -> None:
