@@ -20,14 +20,14 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_quick_run_prints_every_table_with_cpsat_or_skipped() -> None:
-    """--quick prints the family table and the CP-SAT table, with a status or 'skipped' per row."""
+    """--quick prints the family table and both CP-SAT tables, with a status or 'skipped'."""
     proc = _run("--quick", "--no-write", "--cpsat-seconds", "1")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for family in ("uniform random", "anti-correlated cpu/mem", "triplets (optimum n/3)"):
-        assert out.count(family) == 2
-    # spar's Alibaba sample is either packed or reported as skipped, in both tables.
-    assert out.count("alibaba 2018") == 2
+        assert out.count(family) == 3
+    # spar's Alibaba sample is either packed or reported as skipped, in all three tables.
+    assert out.count("alibaba 2018") == 3
     assert "within 5 %" in out
     cpsat_rows = [line for line in out.splitlines() if "OPTIMAL" in line or "FEASIBLE" in line]
     assert cpsat_rows or "skipped: ortools is not installed" in out
