@@ -839,7 +839,7 @@ def report(seed: int, *, quick: bool, write: bool, cpsat_seconds: float) -> None
             optimum_table(seed, cpsat_seconds),
         )
     )
-    seeds, sweep_seconds = (2, min(cpsat_seconds, 1.0)) if quick else (5, min(cpsat_seconds, 3.0))
+    seeds, sweep_seconds = (2, min(cpsat_seconds, 1.0)) if quick else (10, min(cpsat_seconds, 2.0))
     sweep_notes = (
         f"Smaller instances, {seeds} seeds per family, the same CP-SAT model with a limit of "
         f"{sweep_seconds:g} s each. `proven`: instances whose optimum CP-SAT proved (or "
