@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 import math
 import types
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, Self
 
@@ -141,6 +142,13 @@ class PackingPolicy(Protocol):
     ) -> packing.Plan: ...
 
 
+# How many waiting tasks one placement call looks at (first, and at most), and the planner at
+# most per pass.
+_FIRST_WINDOW = 32
+_MAX_WINDOW = 4096
+_PLAN_MAX = 20_000
+# With nothing new to plan for (only placements since), the planner runs at most this often.
+_PLAN_INTERVAL = 0.25
 HISTORY_WINDOW = 7 * 24 * 3600.0  # seconds of past attempts loaded into the per-kind history
 
 CancelReason = Literal["kill", "lost", "shutdown"]
@@ -210,6 +218,64 @@ class _Request:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
+class _ReadyQueue:
+    """WAITING tasks whose dependencies completed, in placement order (priority, then order).
+
+    Kept sorted as tasks arrive (bisect; a new task at the back is an append), and a task that
+    leaves stays behind as a tombstone until tombstones are half the list: so a placement pass
+    over a long queue costs what it looks at, not the queue's length. `floor` is the least of
+    every dimension over the tasks added since the last compaction, a lower bound of what the
+    smallest waiting task needs.
+    """
+
+    def __init__(self) -> None:
+        # (priority, order, generation, entry); a slot is live while its generation is the
+        # entry's current one, so re-adding a task (new priority) leaves the old slot dead.
+        self._items: list[tuple[int, int, int, _TaskEntry]] = []
+        self._live: dict[str, int] = {}
+        self._generation = 0
+        self.floor: Resources | None = None
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self._live
+
+    def __iter__(self) -> Iterator[_TaskEntry]:
+        """The live entries in order; safe while entries are discarded (not while added)."""
+        live = self._live
+        for _, _, generation, entry in self._items:
+            if live.get(entry.task.id) == generation:
+                yield entry
+
+    def add(self, entry: _TaskEntry) -> None:
+        self._generation += 1
+        item = (entry.task.spec.priority, entry.order, self._generation, entry)
+        if not self._items or item[:3] >= self._items[-1][:3]:
+            self._items.append(item)
+        else:
+            bisect.insort(self._items, item, key=lambda i: i[:3])
+        self._live[entry.task.id] = self._generation
+        need = entry.task.spec.resources
+        self.floor = need if self.floor is None else self.floor.min(need)
+
+    def discard(self, task_id: str) -> None:
+        self._live.pop(task_id, None)
+
+    def compact(self) -> None:
+        """Drop dead slots once they are half the list; recompute the floor then."""
+        if len(self._items) <= 2 * len(self._live) + 64:
+            return
+        live = self._live
+        self._items = [item for item in self._items if live.get(item[3].task.id) == item[2]]
+        floor: Resources | None = None
+        for *_, entry in self._items:
+            need = entry.task.spec.resources
+            floor = need if floor is None else floor.min(need)
+        self.floor = floor
+
+
 class Scheduler:
     """Packs submitted tasks into allocs taken from a cluster (DESIGN §4).
 
@@ -239,12 +305,14 @@ class Scheduler:
         self._seqs: list[int] = []  # seq of every task in self._tasks, ascending (for paging)
         self._by_seq: list[str] = []
         self._keys: dict[str, str] = {}
-        self._ready: dict[str, _TaskEntry] = {}  # WAITING with every dependency COMPLETE
-        self._ready_sorted: list[_TaskEntry] | None = None
+        self._ready = _ReadyQueue()  # WAITING with every dependency COMPLETE
         self._allocs: dict[str, _AllocEntry] = {}
         self._gone_allocs: list[_AllocEntry] = []
         self._requests: dict[str, _Request] = {}
         self._to_launch: list[_TaskEntry] = []
+        self._plan_news = True  # something the planner has not seen: new tasks, requests, allocs
+        self._planned_at = -math.inf
+        self._plan_timer: float | None = None
         self._next_seq = 0
         self._next_order = 0
         self._next_head_order = -1
@@ -393,7 +461,7 @@ class Scheduler:
             out.append(entry)
         self._recorder.task_submitted(created)
         self._submitted_since_pass = True
-        self._wake()
+        self._news()
         await self._wait_durable(max((e.write_seq for e in out), default=0))
         return [e.visible for e in out]
 
@@ -452,8 +520,7 @@ class Scheduler:
         """WAITING -> HOLD: keep it from being placed until released."""
         entry = self._entry(task_id)
         self._transition(entry, S.HOLD, action="hold")
-        self._ready.pop(task_id, None)
-        self._ready_sorted = None
+        self._ready.discard(task_id)
         return await self._published(entry)
 
     async def release(self, task_id: str) -> Task:
@@ -504,8 +571,8 @@ class Scheduler:
         self._update(entry, msgspec.structs.replace(entry.task, spec=spec))
         entry.demand = None
         if task_id in self._ready:
-            self._ready_sorted = None
-            self._wake()
+            self._ready.add(entry)  # re-sorted under its new priority
+            self._news()
         return await self._published(entry)
 
     def list_tasks(
@@ -657,8 +724,7 @@ class Scheduler:
                 skip_reason=reason,
             )
         )
-        self._ready.pop(entry.task.id, None)
-        self._ready_sorted = None
+        self._ready.discard(entry.task.id)
         self._transition(entry, S.SKIPPED, action="skip", result=result)
 
     def _update(self, entry: _TaskEntry, task: Task) -> None:
@@ -762,9 +828,8 @@ class Scheduler:
                 result=_error_result("unschedulable", self._unschedulable_message(entry.task)),
             )
             return
-        self._ready[entry.task.id] = entry
-        self._ready_sorted = None
-        self._wake()
+        self._ready.add(entry)
+        self._news()
 
     def _unschedulable_message(self, task: Task) -> str:
         need = task.spec.resources
@@ -837,6 +902,11 @@ class Scheduler:
     def _wake(self) -> None:
         self._wakeup.set()
 
+    def _news(self) -> None:
+        """Wake the loop for something the planner must see (not just a finished task)."""
+        self._plan_news = True
+        self._wakeup.set()
+
     async def _main_loop(self) -> None:
         while True:
             await self._wakeup.wait()
@@ -849,49 +919,37 @@ class Scheduler:
             self._submitted_since_pass = False
             self._pass()
 
-    def _sorted_ready(self) -> list[_TaskEntry]:
-        if self._ready_sorted is None:
-            self._ready_sorted = sorted(
-                self._ready.values(), key=lambda e: (e.task.spec.priority, e.order)
-            )
-        return self._ready_sorted
-
     def _pass(self) -> None:
         """Place what fits, then plan alloc requests for the rest."""
         if not self._placing:
             return
-        ready = self._sorted_ready()
         now = self.clock.monotonic()
-        rooms = [
-            packing.Room(
-                id=a.alloc.id,
-                capacity=a.capacity,
-                free=a.free,
-                expected_free_at=self._expected_free_at(a, now),
-            )
-            for a in self._allocs.values()
-            if not (a.dead or a.freeing)
-        ]
         can_request = now >= self._backoff_until
         max_new = self.config.max_pending_allocs - len(self._requests) if can_request else 0
-        demands = [e.demand or self._demand(e) for e in ready]
-        if rooms and demands:
+        if self._allocs and len(self._ready):
             # Rooms are held for big waiting tasks only when no new alloc can come to them.
-            can_grow = can_request and self.cluster.can_grow()
-            placement = self._policy.place(demands, rooms, can_grow=can_grow)
-            for task_id, alloc_id in placement.assignments:
-                self._start(self._tasks[task_id], self._allocs[alloc_id])
-            unplaced = placement.unplaced
-        else:
-            unplaced = demands
-        if len(unplaced) != len(demands):
-            self._ready_sorted = [e for e in ready if e.task.id in self._ready]
+            self._place(now, can_grow=can_request and self.cluster.can_grow())
+        self._ready.compact()
+        if not self._requests and max_new <= 0:
+            return
+        # Placements alone only shrink the queue; re-planning after each of them would cost a
+        # planner call per finished task under a long queue, so it waits for news or a period.
+        if not self._plan_news and now - self._planned_at < _PLAN_INTERVAL:
+            if self._plan_timer is None:
+                self._plan_timer = now + _PLAN_INTERVAL
+                assert self._tg is not None
+                self._tg.start_soon(self._wake_after, _PLAN_INTERVAL)
+            return
+        self._plan_news = False
+        self._planned_at = now
+        self._plan_timer = None
+        unplaced = self._planning_window(max_new)
+        if not unplaced and not self._requests:
+            return
         pending = [
             packing.PendingRequest(id=r.id, requirements=r.requirements, demand_ids=r.demand_ids)
             for r in self._requests.values()
         ]
-        if not unplaced and not pending:
-            return
         plan = self._policy.plan(
             unplaced,
             pending,
@@ -907,8 +965,69 @@ class Scheduler:
             ids = plan.request_demands[i] if i < len(plan.request_demands) else ()
             self._request(requirements, ids)
 
+    def _place(self, now: float, *, can_grow: bool) -> None:
+        """Offer the queue to the policy window by window, in order, until no room is left.
+
+        Placement is greedy in queue order, so windows decide exactly what one call over the
+        whole queue would; but a pass that frees a few slots under a queue of 100,000 looks at
+        one window, not at every waiting task.
+        """
+        floor = self._ready.floor
+        if floor is None:
+            return
+        held: set[str] = set()  # rooms reserved for a waiting task of an earlier window
+        queue = iter(self._ready)
+        size = _FIRST_WINDOW  # doubling: a pass that frees a few slots looks at a few tasks
+        while True:
+            rooms = [
+                packing.Room(
+                    id=a.alloc.id,
+                    capacity=a.capacity,
+                    free=a.free,
+                    expected_free_at=self._expected_free_at(a, now),
+                )
+                for a in self._allocs.values()
+                if not (a.dead or a.freeing) and a.alloc.id not in held and floor.fits_in(a.free)
+            ]
+            if not rooms:
+                return
+            window = [e.demand or self._demand(e) for e in itertools.islice(queue, size)]
+            if not window:
+                return
+            placement = self._policy.place(window, rooms, can_grow=can_grow)
+            for task_id, alloc_id in placement.assignments:
+                self._start(self._tasks[task_id], self._allocs[alloc_id])
+            held.update(placement.reserved)
+            if len(window) < size:
+                return
+            size = min(2 * size, _MAX_WINDOW)
+
+    def _planning_window(self, max_new: int) -> list[packing.Demand]:
+        """The waiting tasks the planner is shown: enough, in order, to fill every pending
+        request and `max_new` new allocs of the largest shape, plus every task a pending request
+        was made for (so it is not cancelled for a task beyond the window)."""
+        largest = self.cluster.max_alloc()
+        budget = 2.0 * (len(self._requests) + max(0, max_new)) + 2.0
+        out: list[packing.Demand] = []
+        seen: set[str] = set()
+        used = 0.0
+        for entry in self._ready:
+            if used > budget or len(out) >= _PLAN_MAX:
+                break
+            demand = entry.demand or self._demand(entry)
+            out.append(demand)
+            seen.add(demand.id)
+            used += min(1.0, demand.resources.dominant_share(largest))
+        for request in self._requests.values():
+            for task_id in request.demand_ids:
+                if task_id not in seen and task_id in self._ready:
+                    entry = self._tasks[task_id]
+                    out.append(entry.demand or self._demand(entry))
+                    seen.add(task_id)
+        return out
+
     def _start(self, entry: _TaskEntry, alloc: _AllocEntry) -> None:
-        self._ready.pop(entry.task.id, None)
+        self._ready.discard(entry.task.id)
         now = self.clock.monotonic()
         entry.queue_wait = now - entry.ready_at
         duration = entry.demand.expected_duration if entry.demand else None
@@ -1113,7 +1232,7 @@ class Scheduler:
             self._tg.start_soon(self._wake_after, delay)
         finally:
             self._requests.pop(request.id, None)
-            self._wake()
+            self._news()
         if alloc is None:
             return
         self._backoff = self.config.alloc_retry_initial
@@ -1125,7 +1244,7 @@ class Scheduler:
 
     async def _wake_after(self, delay: float) -> None:
         await self.clock.sleep(delay)
-        self._wake()
+        self._news()
 
     def _add_alloc(self, alloc: Alloc, *, created_wall: float | None = None) -> _AllocEntry:
         now = self.clock.monotonic()
@@ -1144,7 +1263,7 @@ class Scheduler:
         log.info("alloc started", alloc_id=alloc.id, resources=alloc.resources.describe())
         assert self._tg is not None
         self._tg.start_soon(self._keep_alive, entry)
-        self._wake()
+        self._news()
         return entry
 
     def _record_alloc(self, a: _AllocEntry) -> None:
@@ -1203,7 +1322,7 @@ class Scheduler:
                 entry.scope.cancel()
         assert self._tg is not None
         self._tg.start_soon(self._free_alloc, a, True)
-        self._wake()
+        self._news()
 
     async def _free_alloc(self, a: _AllocEntry, dead: bool) -> None:
         """Free the alloc (shielded, bounded), drop it from the live set, record it."""
@@ -1232,7 +1351,7 @@ class Scheduler:
         self._gone_allocs.append(a)
         del self._gone_allocs[: max(0, len(self._gone_allocs) - self.config.keep_dead_allocs)]
         self._record_alloc(a)
-        self._wake()
+        self._news()
 
     async def prune(self, settled_before: float) -> int:
         """Delete settled tasks that settled before this time (epoch seconds), with their
@@ -1252,7 +1371,7 @@ class Scheduler:
         if gone:
             for task_id in gone:
                 entry = self._tasks.pop(task_id)
-                self._ready.pop(task_id, None)
+                self._ready.discard(task_id)
                 key = entry.task.spec.key
                 if key is not None and self._keys.get(key) == task_id:
                     del self._keys[key]
