@@ -234,6 +234,7 @@ class _ReadyQueue:
         self._items: list[tuple[int, int, int, _TaskEntry]] = []
         self._live: dict[str, int] = {}
         self._generation = 0
+        self._head = 0  # every slot before it is dead (placed tasks leave from the front)
         self.floor: Resources | None = None
 
     def __len__(self) -> int:
@@ -244,8 +245,13 @@ class _ReadyQueue:
 
     def __iter__(self) -> Iterator[_TaskEntry]:
         """The live entries in order; safe while entries are discarded (not while added)."""
-        live = self._live
-        for _, _, generation, entry in self._items:
+        live, items = self._live, self._items
+        while (
+            self._head < len(items)
+            and live.get(items[self._head][3].task.id) != (items[self._head][2])
+        ):
+            self._head += 1
+        for _, _, generation, entry in itertools.islice(items, self._head, None):
             if live.get(entry.task.id) == generation:
                 yield entry
 
@@ -255,7 +261,9 @@ class _ReadyQueue:
         if not self._items or item[:3] >= self._items[-1][:3]:
             self._items.append(item)
         else:
-            bisect.insort(self._items, item, key=lambda i: i[:3])
+            at = bisect.bisect_right(self._items, item[:3], key=lambda i: i[:3])
+            self._items.insert(at, item)
+            self._head = min(self._head, at)
         self._live[entry.task.id] = self._generation
         need = entry.task.spec.resources
         self.floor = need if self.floor is None else self.floor.min(need)
@@ -269,6 +277,7 @@ class _ReadyQueue:
             return
         live = self._live
         self._items = [item for item in self._items if live.get(item[3].task.id) == item[2]]
+        self._head = 0
         floor: Resources | None = None
         for *_, entry in self._items:
             need = entry.task.spec.resources
