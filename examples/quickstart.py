@@ -9,29 +9,23 @@ from packsched.cluster import LocalCluster
 
 
 async def main() -> None:
-    async with Scheduler(LocalCluster()) as sched:
+    async with Scheduler(LocalCluster()) as sched:  # durable: store=SQLiteStore("packsched.db")
         tasks = await sched.submit(
             TaskSpec(command=["sleep", "0.5"], resources=Resources(cpu=0.5, mem=64 * MiB)),
             TaskSpec(
                 command=["python3", "-c", "b = bytearray(100 << 20)"],
                 resources=Resources(cpu=1, mem=1 * GiB),
             ),
-            TaskSpec(
-                command=["sh", "-c", "echo hello; exit 3"],
-                resources=Resources(cpu=0.1, mem=16 * MiB),
-            ),
+            TaskSpec(command=["sh", "-c", "echo hi; exit 3"], resources=Resources(cpu=0.1)),
         )
         for t in tasks:
-            t = await sched.wait(t.id)
-            stats = t.result.output.runtime_statistics if t.result else None
-            print(
-                f"{' '.join(t.spec.command):42} {t.state:9} exit={t.result.exit_code if t.result else None}",
-                end=" ",
+            t = await sched.wait(t.id)  # settled: complete, error, failed, killed, skipped
+            assert t.result is not None
+            s = t.result.output.runtime_statistics
+            used = (
+                f"{s.duration:.2f}s cpu={s.cpu_time:.2f}s peak={s.memory / MiB:.0f}MiB" if s else ""
             )
-            if stats:
-                print(
-                    f"{stats.duration:.2f}s cpu={stats.cpu_time:.2f}s peak_mem={stats.memory / MiB:.0f}MiB"
-                )
+            print(f"{' '.join(t.spec.command):36} {t.state:8} exit={t.result.exit_code} {used}")
 
 
 if __name__ == "__main__":

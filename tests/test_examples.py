@@ -21,5 +21,5 @@ def test_quickstart_runs_real_commands_and_prints_statistics(tmp_path: Path) -> 
     ).stdout
     lines = [line for line in out.splitlines() if "exit=" in line]
     assert len(lines) == 3
-    assert "complete" in lines[0] and "peak_mem=" in lines[0]
+    assert "complete" in lines[0] and "peak=" in lines[0]
     assert "error" in lines[2] and "exit=3" in lines[2]

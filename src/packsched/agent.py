@@ -29,7 +29,6 @@ import anyio
 import anyio.to_thread
 import httpx
 import msgspec
-import structlog
 
 from .alloc.local import ExecutorConfig, LocalExecutor
 from .alloc.remote import (
@@ -48,13 +47,14 @@ from .alloc.remote import (
     ResultReport,
     StartedReport,
 )
+from .log import get_logger
 from .resources import Resources
 from .stats.runtime import machine_capacity
 from .task import Task, TaskError, TaskOutput, TaskResult
 
 __all__ = ["Agent", "AgentConfig", "main", "run_agent"]
 
-log = structlog.get_logger("packsched.agent")
+log = get_logger("packsched.agent")
 
 _T = TypeVar("_T")
 _Key = tuple[str, int]

@@ -18,9 +18,29 @@ __all__ = ["configure_logging", "get_logger"]
 LogFormat = Literal["json", "console", "auto"]
 
 
+# Library loggers go through the stdlib logger of their name, whatever the host program did
+# with structlog: embedded, packsched is as quiet as the host's logging config says (warnings
+# only, by default); under `configure_logging` the root handler renders them as JSON lines.
+_PROCESSORS: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.filter_by_level,
+    structlog.stdlib.add_logger_name,
+    structlog.stdlib.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    structlog.processors.StackInfoRenderer(),
+    structlog.processors.format_exc_info,
+    structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+]
+
+
 def get_logger(name: str | None = None, **bound: Any) -> Any:
-    """A structlog logger, optionally with some context bound."""
-    return structlog.get_logger(name).bind(**bound) if bound else structlog.get_logger(name)
+    """A structlog logger backed by the stdlib logger `name`, with some context bound."""
+    logger = structlog.wrap_logger(
+        logging.getLogger(name),
+        processors=_PROCESSORS,
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )
+    return logger.bind(**bound) if bound else logger
 
 
 def configure_logging(

@@ -23,13 +23,13 @@ from typing import Literal, Protocol, Self
 import anyio
 import anyio.lowlevel
 import msgspec
-import structlog
 from anyio.abc import TaskGroup
 
 from . import packing
 from .clock import Clock
 from .cluster.base import Alloc, Cluster
 from .errors import InvalidSpecError, InvalidTransition, PackschedError, TaskNotFoundError
+from .log import get_logger
 from .resources import AllocShape, GiB, Requirements, Resources
 from .stats.history import History, KindHistory
 from .stats.recorder import StatsRecorder
@@ -52,7 +52,7 @@ from .task import (
 
 __all__ = ["Scheduler", "SchedulerClosedError", "SchedulerConfig"]
 
-log = structlog.get_logger("packsched.scheduler")
+log = get_logger("packsched.scheduler")
 S = TaskState
 
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import anyio
 import msgspec
-import structlog
 
 from ..cluster.base import Alloc, Cluster, StartedCallback
 from ..errors import AllocationError
+from ..log import get_logger
 from ..resources import Requirements, Resources
 from ..task import Task, TaskError, TaskOutput, TaskResult
 
@@ -54,7 +54,7 @@ __all__ = [
     "StartedReport",
 ]
 
-log = structlog.get_logger("packsched.remote")
+log = get_logger("packsched.remote")
 
 PROTOCOL_VERSION = 1
 

@@ -40,10 +40,10 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 import msgspec
-import structlog
 
 from ..alloc.remote import AgentCluster, LeaseConfig, RemoteAlloc
 from ..errors import AllocationError, PackschedError
+from ..log import get_logger
 from ..resources import AllocShape, MiB, Requirements, Resources
 from .base import Alloc
 
@@ -62,7 +62,7 @@ __all__ = [
     "pod_resources",
 ]
 
-log = structlog.get_logger("packsched.kubernetes")
+log = get_logger("packsched.kubernetes")
 
 Json = dict[str, Any]
 

@@ -23,15 +23,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anyio
-import structlog
 
 from ..alloc.remote import AgentCluster, LeaseConfig, RemoteAlloc
 from ..errors import AllocationError
+from ..log import get_logger
 from ..resources import AllocShape, MiB, Requirements, Resources
 
 __all__ = ["SlurmCluster", "parse_sinfo"]
 
-log = structlog.get_logger("packsched.slurm")
+log = get_logger("packsched.slurm")
 
 # squeue states after which the job will never run the agent again.
 _ENDED = frozenset(
