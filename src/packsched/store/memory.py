@@ -1,7 +1,8 @@
 """`MemoryStore`: the store for tests and embedding, kept in dicts and lost with the process.
 
-It keeps every record encoded, exactly as `SQLiteStore` does, so callers never share a
-mutable object with the store and every record is proven to survive the round trip.
+It keeps the scheduler's own snapshots: they are frozen structs, so sharing them is safe, and
+a waiting task costs no second, encoded copy (the store contract tests prove on SQLite that
+every record survives encoding).
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ from .base import AllocRecord, HistoryQuery, Store, StoreBatch
 from .codec import (
     attempt_ended_at,
     check_query,
-    decode_alloc,
-    decode_attempt,
-    decode_task,
-    encode,
     matches,
     task_settled_at,
 )
@@ -28,14 +25,13 @@ __all__ = ["MemoryStore"]
 class _TaskRow(msgspec.Struct, frozen=True):
     seq: int
     settled_at: float | None
-    data: bytes
+    task: Task
 
 
 class _AttemptRow(msgspec.Struct, frozen=True):
     ended_at: float
     order: int  # insertion order breaks ties between attempts that ended at the same time
     attempt: Attempt
-    data: bytes
 
 
 class MemoryStore(Store):
@@ -50,7 +46,7 @@ class MemoryStore(Store):
         # ERROR task id -> when it entered ERROR, so aging out scans only these.
         self._errors: dict[str, float] = {}
         self._attempts: dict[tuple[str, int], _AttemptRow] = {}
-        self._allocs: dict[str, tuple[float | None, bytes]] = {}
+        self._allocs: dict[str, tuple[float | None, AllocRecord]] = {}
         self._order = 0
         self._open = False
 
@@ -74,29 +70,28 @@ class MemoryStore(Store):
         """Every task, in submission order."""
         self._check_open()
         rows = sorted(self._tasks.values(), key=lambda row: row.seq)
-        return [decode_task(row.data) for row in rows]
+        return [row.task for row in rows]
 
     async def load_allocs(self) -> list[AllocRecord]:
         """Every alloc not yet freed."""
         self._check_open()
-        return [decode_alloc(data) for freed, data in self._allocs.values() if freed is None]
+        return [alloc for freed, alloc in self._allocs.values() if freed is None]
 
     async def write(self, batch: StoreBatch) -> None:
         """Record a batch: upsert tasks and allocs, add attempts (replacing a repeat)."""
         self._check_open()
         for task in batch.tasks:
-            self._tasks[task.id] = _TaskRow(task.seq, task_settled_at(task), encode(task))
+            self._tasks[task.id] = _TaskRow(task.seq, task_settled_at(task), task)
             if task.state is TaskState.ERROR:
                 self._errors[task.id] = task.state_changed_at
             else:
                 self._errors.pop(task.id, None)
         for attempt in batch.attempts:
-            data = encode(attempt)
             self._order += 1
-            row = _AttemptRow(attempt_ended_at(attempt), self._order, decode_attempt(data), data)
+            row = _AttemptRow(attempt_ended_at(attempt), self._order, attempt)
             self._attempts[(attempt.task_id, attempt.attempt)] = row
         for alloc in batch.allocs:
-            self._allocs[alloc.id] = (alloc.freed_at, encode(alloc))
+            self._allocs[alloc.id] = (alloc.freed_at, alloc)
 
     async def history(self, query: HistoryQuery) -> list[Attempt]:
         """Finished attempts matching `query`, oldest first (the latest `limit` of them)."""
@@ -106,7 +101,7 @@ class MemoryStore(Store):
         rows.sort(key=lambda row: (row.ended_at, row.order))
         if query.limit is not None:
             rows = rows[len(rows) - query.limit :] if query.limit else []
-        return [decode_attempt(row.data) for row in rows]
+        return [row.attempt for row in rows]
 
     async def error_tasks_older_than(self, before: float) -> list[str]:
         """Ids of ERROR tasks whose state changed before `before`, oldest first."""
