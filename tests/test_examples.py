@@ -23,3 +23,10 @@ def test_quickstart_runs_real_commands_and_prints_statistics(tmp_path: Path) -> 
     assert len(lines) == 3
     assert "complete" in lines[0] and "peak=" in lines[0]
     assert "error" in lines[2] and "exit=3" in lines[2]
+
+
+def test_readme_shows_the_quickstart_as_it_is() -> None:
+    """The README's Python example is examples/quickstart.py, line for line."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = (EXAMPLES / "quickstart.py").read_text()
+    assert code[code.index("import anyio") :] in readme
