@@ -47,7 +47,7 @@ from .alloc.remote import (
     ResultReport,
     StartedReport,
 )
-from .log import get_logger
+from .log import configure_logging, get_logger
 from .resources import Resources
 from .stats.runtime import machine_capacity
 from .task import Task, TaskError, TaskOutput, TaskResult
@@ -615,6 +615,15 @@ def run_from_args(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     # The tasks inherit the environment: they must not hold the agent's credential.
     os.environ.pop("PACKSCHED_AGENT_TOKEN", None)
+    # An agent is a process of its own: its log (JSON lines off a terminal) goes to stderr,
+    # which the provider keeps (a Slurm job's output, a pod's log, ProcessCluster's file).
+    level = os.environ.get("PACKSCHED_LOG_LEVEL", "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise SystemExit(
+            f"packsched agent: PACKSCHED_LOG_LEVEL must be debug, info, warning or error, "
+            f"got {level!r}"
+        )
+    configure_logging(level, "auto")
     anyio.run(run_agent, config)
     return 0
 
