@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -17,9 +17,10 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from packsched import MiB, Resources, TaskSpec
 from packsched.alloc.remote import AgentCluster
 from packsched.api.client import AsyncClient
-from packsched.task import TaskState
+from packsched.task import Task, TaskState
 
 
 class _Server(uvicorn.Server):
@@ -140,3 +141,59 @@ async def wait_running(client: AsyncClient, task_id: str) -> None:
     with anyio.fail_after(30):
         while (await client.get(task_id)).state is not TaskState.RUNNING:  # noqa: ASYNC110
             await anyio.sleep(0.05)
+
+
+def counting(runs: Path, seconds: float) -> list[str]:
+    """A command that appends its task id to `runs` when it starts, then sleeps."""
+    return ["sh", "-c", f'echo "$PACKSCHED_TASK_ID" >> {runs}; sleep {seconds}']
+
+
+async def kill_daemon_midrun_and_restart(
+    config: Path,
+    log: Path,
+    url: str,
+    runs: Path,
+    *,
+    seconds: float,
+    timeout: float,
+    before_submit: Callable[[], Awaitable[None]] | None = None,
+    before_kill: Callable[[], object] | None = None,
+) -> list[Task]:
+    """The re-attach scenario every agent-backed cluster must pass: start the real daemon, run
+    two tasks, SIGKILL the daemon while both run, restart it, and check that both COMPLETE at
+    attempt 0, never lost, each run exactly once. Returns the two settled tasks; the daemon is
+    stopped at the end, and its log printed if anything failed."""
+    daemon = await start_daemon(config, log, url)
+    try:
+        if before_submit is not None:
+            await before_submit()
+        async with AsyncClient(url, "user-token") as client:
+            tasks = await client.submit(
+                [
+                    TaskSpec(
+                        command=counting(runs, seconds), resources=Resources(cpu=1, mem=64 * MiB)
+                    )
+                    for _ in range(2)
+                ]
+            )
+            ids = [t.id for t in tasks]
+            await wait_for(lambda: len(count_lines(runs)) == 2, timeout, "both tasks to start")
+            for task_id in ids:
+                await wait_running(client, task_id)
+        if before_kill is not None:
+            before_kill()
+        daemon.kill()
+        await anyio.to_thread.run_sync(daemon.wait)
+        daemon = await start_daemon(config, log, url)
+        async with AsyncClient(url, "user-token") as client:
+            done = [await client.wait(task_id, timeout=timeout) for task_id in ids]
+        assert [t.state for t in done] == [TaskState.COMPLETE] * 2, [t.error for t in done]
+        assert [(t.attempt, t.lost_count) for t in done] == [(0, 0), (0, 0)]
+        assert count_lines(runs) == dict.fromkeys(ids, 1)
+        return done
+    except BaseException:
+        # The daemon's side of the story, in pytest's report.
+        print((await anyio.Path(log).read_text())[-20000:])
+        raise
+    finally:
+        await stop_daemon(daemon)

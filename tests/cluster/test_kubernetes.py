@@ -45,7 +45,14 @@ from packsched.resources import AllocShape, Requirements, TiB
 from packsched.store.base import HistoryQuery
 
 from ..conftest import hosted
-from .agents import count_lines, free_port, serve_agents, start_daemon, stop_daemon, wait_for
+from .agents import (
+    count_lines,
+    counting,
+    free_port,
+    kill_daemon_midrun_and_restart,
+    serve_agents,
+    wait_for,
+)
 from .fake_kube import FakeKube, default_node
 
 AGENT = (sys.executable, "-m", "packsched.agent")
@@ -526,11 +533,6 @@ async def test_reattach_takes_back_live_pods_only(kube: FakeKube, tmp_path: Path
 # -- real agents through the Scheduler -------------------------------------------------------
 
 
-def counting(runs: Path, seconds: float) -> list[str]:
-    """A command that appends its task id to `runs` when it starts, then sleeps."""
-    return ["sh", "-c", f'echo "$PACKSCHED_TASK_ID" >> {runs}; sleep {seconds}']
-
-
 def pods_created(kube: FakeKube) -> int:
     """How many pods were ever created."""
     return sum(1 for method, path in kube.requests if method == "POST" and path.endswith("/pods"))
@@ -666,32 +668,17 @@ cpu = 1
 mem = "128MiB"
 """
     )
-    log = tmp_path / "daemon.log"
-    daemon = await start_daemon(config, log, url)
-    try:
-        async with AsyncClient(url, "user-token") as client:
-            tasks = await client.submit(
-                [
-                    TaskSpec(command=counting(runs, 4), resources=Resources(cpu=1, mem=64 * MiB))
-                    for _ in range(2)
-                ]
-            )
-            ids = [t.id for t in tasks]
-            await wait_for(lambda: len(count_lines(runs)) == 2, 60, "both tasks to start")
-            for task_id in ids:
-                await wait_running(client, task_id)
-        pods = {p.name for p in kube.live_pods()}
-        daemon.kill()
-        await anyio.to_thread.run_sync(daemon.wait)
-        daemon = await start_daemon(config, log, url)
-        async with AsyncClient(url, "user-token") as client:
-            done = [await client.wait(task_id, timeout=60) for task_id in ids]
-        assert [t.state for t in done] == [TaskState.COMPLETE] * 2, [t.error for t in done]
-        assert [(t.attempt, t.lost_count) for t in done] == [(0, 0), (0, 0)]
-        assert count_lines(runs) == dict.fromkeys(ids, 1)
-        assert {pod_name(t.alloc_id or "") for t in done} <= pods  # finished where they ran
-    finally:
-        await stop_daemon(daemon)
+    pods: set[str] = set()
+    done = await kill_daemon_midrun_and_restart(
+        config,
+        tmp_path / "daemon.log",
+        url,
+        runs,
+        seconds=4,
+        timeout=60,
+        before_kill=lambda: pods.update(p.name for p in kube.live_pods()),
+    )
+    assert {pod_name(t.alloc_id or "") for t in done} <= pods  # finished where they ran
     await wait_for(lambda: not kube.live_pods(), 30, "the drained daemon to delete its pods")
 
 

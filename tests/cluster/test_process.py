@@ -7,26 +7,22 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import anyio
-import anyio.to_thread
 import httpx
 import pytest
 
 from packsched import GiB, MiB, Resources, Scheduler, SchedulerConfig, TaskSpec, TaskState
 from packsched.alloc.remote import LeaseConfig
-from packsched.api.client import AsyncClient
 from packsched.cluster.process import ProcessCluster
 from packsched.store.base import HistoryQuery
 
 from ..conftest import hosted
 from .agents import (
     count_lines,
+    counting,
     free_port,
+    kill_daemon_midrun_and_restart,
     serve_agents,
-    start_daemon,
-    stop_daemon,
     wait_for,
-    wait_running,
 )
 
 LEASE = LeaseConfig(heartbeat_interval=0.2, start_timeout=30, exit_wait=5, kill_wait=10)
@@ -49,11 +45,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[ProcessCluster]:
     async for _ in hosted(serve_agents(cluster)):
         yield cluster
     await cluster.aclose()
-
-
-def counting(runs: Path, seconds: float) -> list[str]:
-    """A command that appends its task id to `runs` when it starts, then sleeps."""
-    return ["sh", "-c", f'echo "$PACKSCHED_TASK_ID" >> {runs}; sleep {seconds}']
 
 
 async def test_tasks_run_on_agent_processes(cluster: ProcessCluster) -> None:
@@ -187,9 +178,8 @@ cpu = 1
 mem = "128MiB"
 """
     )
-    log = tmp_path / "daemon.log"
-    daemon = await start_daemon(config, log, url)
-    try:
+
+    async def tokens_are_separate() -> None:
         # Agents and users hold different tokens, and neither opens the other's routes.
         agent_token = (tmp_path / "state" / "agent-token").read_text().strip()
         async with httpx.AsyncClient(base_url=url) as raw:
@@ -197,30 +187,16 @@ mem = "128MiB"
             as_user = {"Authorization": "Bearer user-token"}
             assert (await raw.get("/v1/tasks", headers=as_agent)).status_code == 401
             assert (await raw.post("/v1/agent/heartbeat", headers=as_user)).status_code == 401
-        async with AsyncClient(url, "user-token") as client:
-            tasks = await client.submit(
-                [
-                    TaskSpec(command=counting(runs, 4), resources=Resources(cpu=1, mem=64 * MiB))
-                    for _ in range(2)
-                ]
-            )
-            ids = [t.id for t in tasks]
-            await wait_for(lambda: len(count_lines(runs)) == 2, 60, "both tasks to start")
-            for task_id in ids:
-                await wait_running(client, task_id)
-        daemon.kill()
-        await anyio.to_thread.run_sync(daemon.wait)
-        daemon = await start_daemon(config, log, url)
-        async with AsyncClient(url, "user-token") as client:
-            done = [await client.wait(task_id, timeout=60) for task_id in ids]
-        assert [t.state for t in done] == [TaskState.COMPLETE] * 2, [t.error for t in done]
-        assert [(t.attempt, t.lost_count) for t in done] == [(0, 0), (0, 0)]
-        assert count_lines(runs) == dict.fromkeys(ids, 1)
-    except BaseException:
-        print(log.read_text()[-20000:])  # the daemon's side of the story, in pytest's report
-        raise
-    finally:
-        await stop_daemon(daemon)
+
+    await kill_daemon_midrun_and_restart(
+        config,
+        tmp_path / "daemon.log",
+        url,
+        runs,
+        seconds=4,
+        timeout=60,
+        before_submit=tokens_are_separate,
+    )
 
 
 async def test_reattach_takes_back_only_a_live_agent_of_this_provider(tmp_path: Path) -> None:

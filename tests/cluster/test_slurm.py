@@ -18,7 +18,6 @@ import pytest
 
 from packsched import MiB, Resources, Scheduler, SchedulerConfig, TaskSpec, TaskState
 from packsched.alloc.remote import LeaseConfig, RemoteAlloc
-from packsched.api.client import AsyncClient
 from packsched.cluster.slurm import SlurmCluster, parse_sinfo
 from packsched.resources import GiB
 from packsched.store.base import HistoryQuery
@@ -26,12 +25,11 @@ from packsched.store.base import HistoryQuery
 from ..conftest import hosted
 from .agents import (
     count_lines,
+    counting,
     free_port,
+    kill_daemon_midrun_and_restart,
     serve_agents,
-    start_daemon,
-    stop_daemon,
     wait_for,
-    wait_running,
 )
 
 needs_slurm = pytest.mark.skipif(
@@ -93,11 +91,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[SlurmCluster]:
     async for _ in hosted(serve_agents(cluster)):
         yield cluster
     await cluster.aclose()
-
-
-def counting(runs: Path, seconds: float) -> list[str]:
-    """A command that appends its task id to `runs` when it starts, then sleeps."""
-    return ["sh", "-c", f'echo "$PACKSCHED_TASK_ID" >> {runs}; sleep {seconds}']
 
 
 @pytest.mark.slurm
@@ -222,33 +215,9 @@ cpu = 1
 mem = "256MiB"
 """
     )
-    log = tmp_path / "daemon.log"
-    daemon = await start_daemon(config, log, url)
-    try:
-        async with AsyncClient(url, "user-token") as client:
-            tasks = await client.submit(
-                [
-                    TaskSpec(command=counting(runs, 5), resources=Resources(cpu=1, mem=64 * MiB))
-                    for _ in range(2)
-                ]
-            )
-            ids = [t.id for t in tasks]
-            await wait_for(lambda: len(count_lines(runs)) == 2, 90, "both tasks to start")
-            for task_id in ids:
-                await wait_running(client, task_id)
-        daemon.kill()
-        await anyio.to_thread.run_sync(daemon.wait)
-        daemon = await start_daemon(config, log, url)
-        async with AsyncClient(url, "user-token") as client:
-            done = [await client.wait(task_id, timeout=90) for task_id in ids]
-        assert [t.state for t in done] == [TaskState.COMPLETE] * 2, [t.error for t in done]
-        assert [(t.attempt, t.lost_count) for t in done] == [(0, 0), (0, 0)]
-        assert count_lines(runs) == dict.fromkeys(ids, 1)
-    except BaseException:
-        print(log.read_text()[-20000:])  # the daemon's side of the story, in pytest's report
-        raise
-    finally:
-        await stop_daemon(daemon)
+    await kill_daemon_midrun_and_restart(
+        config, tmp_path / "daemon.log", url, runs, seconds=5, timeout=90
+    )
 
 
 @pytest.mark.slurm
