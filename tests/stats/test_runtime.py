@@ -74,9 +74,15 @@ def test_find_processes_by_marker(tmp_path: Path) -> None:
     started = psutil.Process().create_time()
     proc = subprocess.Popen(["sleep", "30"], env=env, start_new_session=True)
     try:
-        found = find_processes(
-            session=None, marker=("PACKSCHED_TEST_MARKER", "abc123"), started_after=started
-        )
+        # Until the child has exec'd, /proc shows the parent's environment: poll a while.
+        deadline = time.monotonic() + 10
+        while True:
+            found = find_processes(
+                session=None, marker=("PACKSCHED_TEST_MARKER", "abc123"), started_after=started
+            )
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         assert [p.pid for p in found] == [proc.pid]
         assert (
             find_processes(session=proc.pid, marker=None, started_after=started)[0].pid == proc.pid
