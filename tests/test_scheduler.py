@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -407,3 +408,31 @@ async def test_big_task_is_not_starved_by_small_ones_when_the_cluster_is_full() 
         for t in later:
             done = await sched.wait(t.id)
             assert done.started_at is not None and done.started_at >= big.started_at
+
+
+async def test_runners_are_reused_and_a_kill_reaches_a_reused_one(
+    cluster: ManualCluster, sched: Scheduler
+) -> None:
+    """Attempts one after another on one slot share a runner, and kill still ends the latest."""
+    tasks = await sched.submit(*[spec() for _ in range(3)])
+    alloc = (await cluster.next_request()).grant(Resources(cpu=1, mem=1 * GiB))
+    for t in tasks[:2]:
+        await alloc.wait_running(1)
+        alloc.complete(t.id)
+        assert (await sched.wait(t.id)).state is S.COMPLETE
+    await alloc.wait_running(1)
+    killed = await sched.kill(tasks[2].id)
+    assert killed.state is S.KILLED and error_codes(killed) == ["killed"]
+    assert alloc.task_ids == []
+
+
+async def test_a_burst_leaves_a_bounded_number_of_idle_runners() -> None:
+    """500 tasks started at once settle, and at most a few dozen runner tasks stay behind."""
+    cluster = SimCluster([AllocShape(resources=Resources(cpu=500, mem=1000 * GiB))], max_allocs=1)
+    async with Scheduler(cluster, config=FAST) as sched:
+        before = len(asyncio.all_tasks())
+        tasks = await sched.submit(*[spec(cpu=1, mem=1 * GiB) for _ in range(500)])
+        done = await sched.wait_many([t.id for t in tasks])
+        assert [t.state for t in done] == [S.COMPLETE] * 500
+        # At most 64 idle runners, plus the alloc's keepalive and a timer or two.
+        assert len(asyncio.all_tasks()) - before <= 64 + 4

@@ -134,7 +134,8 @@ def _check_amount(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+# `gc=False`: a frozen value of numbers that cannot be part of a reference cycle (see task.py).
+class Resources(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """An immutable, non-negative resource vector.
 
     Arithmetic is by dimension; `extra` dimensions missing from one side count as zero.
@@ -334,7 +335,7 @@ def _merge(a: dict[str, float], b: dict[str, float], op: Any) -> dict[str, float
     return {k: v for k, v in merged.items() if v}
 
 
-class Requirements(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Requirements(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """An alloc request: at least `min`, and up to `width` more copies of it would be useful.
 
     A pending request counts at its full size, `min * (1 + width)`, so that the scheduler never

@@ -149,6 +149,10 @@ _MAX_WINDOW = 4096
 _PLAN_MAX = 20_000
 # With nothing new to plan for (only placements since), the planner runs at most this often.
 _PLAN_INTERVAL = 0.25
+# Runner tasks kept waiting for the next attempt. Starting an anyio task costs more than a
+# zero-duration attempt itself (a task, a cancel scope and events each time), so a runner
+# that ends its attempt takes the next one; beyond this many idle ones, a runner ends.
+_IDLE_RUNNERS = 64
 HISTORY_WINDOW = 7 * 24 * 3600.0  # seconds of past attempts loaded into the per-kind history
 
 CancelReason = Literal["kill", "lost", "shutdown"]
@@ -161,8 +165,10 @@ class _TaskEntry:
     task: Task  # the latest snapshot, perhaps not yet durable
     visible: Task  # the latest durable snapshot: what everyone else sees
     order: int  # FIFO within a priority; lost tasks go to the head with a negative order
-    waiting_on: set[str] = field(default_factory=set)  # dependencies not yet COMPLETE
-    dependents: list[str] = field(default_factory=list)
+    # Dependencies not yet COMPLETE, and the tasks that wait for this one; made on first use,
+    # since most tasks have neither (two empty containers per task cost memory and GC time).
+    waiting_on: set[str] | None = None
+    dependents: list[str] | None = None
     alloc: _AllocEntry | None = None
     scope: anyio.CancelScope | None = None
     cancel_reason: CancelReason | None = None
@@ -266,7 +272,10 @@ class _ReadyQueue:
             self._head = min(self._head, at)
         self._live[entry.task.id] = self._generation
         need = entry.task.spec.resources
-        self.floor = need if self.floor is None else self.floor.min(need)
+        if self.floor is None:
+            self.floor = need
+        elif need != self.floor:  # equal needs (the common case) leave the floor as it is
+            self.floor = self.floor.min(need)
 
     def discard(self, task_id: str) -> None:
         self._live.pop(task_id, None)
@@ -281,7 +290,10 @@ class _ReadyQueue:
         floor: Resources | None = None
         for *_, entry in self._items:
             need = entry.task.spec.resources
-            floor = need if floor is None else floor.min(need)
+            if floor is None:
+                floor = need
+            elif need != floor:
+                floor = floor.min(need)
         self.floor = floor
 
 
@@ -330,14 +342,15 @@ class Scheduler:
         self._dirty_tasks: dict[str, Task] = {}
         self._dirty_attempts: list[Attempt] = []
         self._dirty_allocs: dict[str, AllocRecord] = {}
-        self._commit_wakeup = anyio.Event()
-        self._committed = anyio.Event()
-        self._wakeup = anyio.Event()
+        self._commit_wakeup = _Signal()
+        self._committed: anyio.Event | None = None  # made by whoever waits for a commit
+        self._wakeup = _Signal()
         self._submitted_since_pass = False
         self._backoff_until = 0.0
         self._backoff = self.config.alloc_retry_initial
         self._runners = 0
-        self._runners_done = anyio.Event()
+        self._runners_done: anyio.Event | None = None  # made by whoever waits for zero runners
+        self._idle_runners: list[_Handoff] = []
         self._tg: TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._accepting = False
@@ -403,6 +416,7 @@ class Scheduler:
         self._launch(self._write_seq)  # placed but never started: their runners end at once
         with anyio.move_on_after(self.config.free_timeout + 5):
             while self._runners:
+                self._runners_done = anyio.Event()
                 await self._runners_done.wait()
         async with anyio.create_task_group() as tg:
             for alloc in list(self._allocs.values()):
@@ -522,7 +536,7 @@ class Scheduler:
                         await entry.changed.wait()
             else:
                 while not any(e.visible.state in SETTLED for e in entries):
-                    await self._committed.wait()
+                    await self._next_commit()
         return settled()
 
     async def hold(self, task_id: str) -> Task:
@@ -720,8 +734,7 @@ class Scheduler:
             if state in TERMINAL:
                 self._skip(entry, dep)
                 return
-            entry.waiting_on.add(dep_id)
-            dep.dependents.append(entry.task.id)
+            _depend(entry, dep)
 
     def _skip(self, entry: _TaskEntry, dep: _TaskEntry) -> None:
         reason = f"dependency {dep.task.id} ({dep.task.spec.display_name()}) ended {dep.task.state.value}"
@@ -742,7 +755,8 @@ class Scheduler:
         self._dirty_tasks[task.id] = task
         self._write_seq += 1
         entry.write_seq = self._write_seq
-        self._commit_wakeup.set()
+        if not self._commit_wakeup.is_set:
+            self._commit_wakeup.set()
 
     def _transition(
         self,
@@ -807,9 +821,11 @@ class Scheduler:
 
     def _settle_dependents(self, entry: _TaskEntry) -> None:
         """A task ended: free its dependents, or skip them if it did not complete."""
+        if not entry.dependents:
+            return
         for dep_id in entry.dependents:
             dependent = self._tasks[dep_id]
-            if entry.task.id not in dependent.waiting_on:
+            if not dependent.waiting_on or entry.task.id not in dependent.waiting_on:
                 continue
             if entry.task.state is S.COMPLETE:
                 dependent.waiting_on.discard(entry.task.id)
@@ -869,7 +885,7 @@ class Scheduler:
     async def _committer(self) -> None:
         while True:
             await self._commit_wakeup.wait()
-            self._commit_wakeup = anyio.Event()
+            self._commit_wakeup.clear()
             await self._commit_once()
 
     async def _commit_once(self) -> None:
@@ -894,13 +910,19 @@ class Scheduler:
                 entry.changed.set()
                 entry.changed = None
         self._durable_seq = seq
-        self._committed.set()
-        self._committed = anyio.Event()
+        if self._committed is not None:
+            self._committed.set()
+            self._committed = None
         self._launch(seq)
 
     async def _wait_durable(self, seq: int) -> None:
         while self._durable_seq < seq:
-            await self._committed.wait()
+            await self._next_commit()
+
+    async def _next_commit(self) -> None:
+        if self._committed is None:
+            self._committed = anyio.Event()
+        await self._committed.wait()
 
     async def _flush(self) -> None:
         while self._dirty_tasks or self._dirty_attempts or self._dirty_allocs:
@@ -909,12 +931,13 @@ class Scheduler:
     # -- the main loop: one placement pass per batch of events ----------------------------
 
     def _wake(self) -> None:
-        self._wakeup.set()
+        if not self._wakeup.is_set:
+            self._wakeup.set()
 
     def _news(self) -> None:
         """Wake the loop for something the planner must see (not just a finished task)."""
         self._plan_news = True
-        self._wakeup.set()
+        self._wake()
 
     async def _main_loop(self) -> None:
         while True:
@@ -924,7 +947,7 @@ class Scheduler:
                 await self.clock.sleep(self.config.drain_timeout)
             else:
                 await anyio.lowlevel.checkpoint()
-            self._wakeup = anyio.Event()
+            self._wakeup.clear()
             self._submitted_since_pass = False
             self._pass()
 
@@ -986,7 +1009,7 @@ class Scheduler:
             return
         held: set[str] = set()  # rooms reserved for a waiting task of an earlier window
         queue = iter(self._ready)
-        size = _FIRST_WINDOW  # doubling: a pass that frees a few slots looks at a few tasks
+        size = 0  # doubling: a pass that frees a few slots looks at a few tasks
         while True:
             rooms = [
                 packing.Room(
@@ -1000,6 +1023,10 @@ class Scheduler:
             ]
             if not rooms:
                 return
+            if not size:
+                # No more tasks than the rooms could hold at the smallest waiting size: a
+                # pass after 8 slots freed up looks at 8 tasks first, not 32.
+                size = min(_FIRST_WINDOW, max(1, _room_for(floor, rooms)))
             window = [e.demand or self._demand(e) for e in itertools.islice(queue, size)]
             if not window:
                 return
@@ -1065,7 +1092,7 @@ class Scheduler:
             if entry.write_seq > durable_seq and entry.task.state is S.STAGING:
                 keep.append(entry)
             elif entry.alloc is not None:
-                self._tg.start_soon(self._run, entry, entry.alloc)
+                self._run_soon(entry, entry.alloc)
         self._to_launch = keep
 
     def _expected_free_at(self, a: _AllocEntry, now: float) -> float | None:
@@ -1092,6 +1119,28 @@ class Scheduler:
         return entry.demand
 
     # -- running one attempt ---------------------------------------------------------------
+
+    def _run_soon(self, entry: _TaskEntry, alloc: _AllocEntry, *, attach: bool = False) -> None:
+        """Hand the attempt to an idle runner, or start a runner for it."""
+        if self._idle_runners:
+            handoff = self._idle_runners.pop()
+            handoff.attempt = (entry, alloc, attach)
+            handoff.ready.set()
+        else:
+            assert self._tg is not None
+            self._tg.start_soon(self._runner, entry, alloc, attach)
+
+    async def _runner(self, entry: _TaskEntry, alloc: _AllocEntry, attach: bool) -> None:
+        """Run attempts one after another until there are enough idle runners."""
+        while True:
+            await self._run(entry, alloc, attach)
+            if len(self._idle_runners) >= _IDLE_RUNNERS:
+                return
+            handoff = _Handoff()
+            self._idle_runners.append(handoff)
+            await handoff.ready.wait()
+            assert handoff.attempt is not None
+            entry, alloc, attach = handoff.attempt
 
     async def _run(self, entry: _TaskEntry, alloc: _AllocEntry, attach: bool = False) -> None:
         task_id = entry.task.id
@@ -1126,9 +1175,8 @@ class Scheduler:
                 alloc.idle_since = self.clock.monotonic()
                 alloc.idle_wall = self.clock.now()
             self._runners -= 1
-            if self._runners == 0:
+            if self._runners == 0 and self._runners_done is not None:
                 self._runners_done.set()
-                self._runners_done = anyio.Event()
             self._wake()
         reason = entry.cancel_reason if scope.cancelled_caught or result is None else None
         entry.cancel_reason = None
@@ -1451,8 +1499,7 @@ class Scheduler:
                 dep = self._tasks.get(dep_id)
                 if dep is None or dep.task.state is S.COMPLETE:
                     continue
-                entry.waiting_on.add(dep_id)
-                dep.dependents.append(task_id)
+                _depend(entry, dep)
         for task_id in list(self._by_seq):
             entry = self._tasks[task_id]
             state = entry.task.state
@@ -1486,8 +1533,65 @@ class Scheduler:
         entry.alloc = a
         entry.scope = anyio.CancelScope()
         self._runners += 1
-        assert self._tg is not None
-        self._tg.start_soon(self._run, entry, a, True)
+        self._run_soon(entry, a, attach=True)
+
+
+class _Signal:
+    """An event that is cleared to be waited for again; `is_set` is a plain attribute, since
+    the scheduler signals on every state change and reading it must cost nothing."""
+
+    __slots__ = ("_event", "is_set")
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self.is_set = False
+
+    def set(self) -> None:
+        if not self.is_set:
+            self.is_set = True
+            self._event.set()
+
+    def clear(self) -> None:
+        if self.is_set:
+            self.is_set = False
+            self._event = anyio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class _Handoff:
+    """An idle runner waiting for its next attempt (see `Scheduler._run_soon`)."""
+
+    __slots__ = ("attempt", "ready")
+
+    def __init__(self) -> None:
+        self.ready = anyio.Event()
+        self.attempt: tuple[_TaskEntry, _AllocEntry, bool] | None = None
+
+
+def _depend(entry: _TaskEntry, dep: _TaskEntry) -> None:
+    """Record that `entry` waits for `dep` to complete."""
+    if entry.waiting_on is None:
+        entry.waiting_on = set()
+    entry.waiting_on.add(dep.task.id)
+    if dep.dependents is None:
+        dep.dependents = []
+    dep.dependents.append(entry.task.id)
+
+
+def _room_for(floor: Resources, rooms: Iterable[packing.Room]) -> int:
+    """How many tasks of the `floor` size the rooms could take together (rounded down per
+    room): no pass places more tasks than this, since every waiting task needs at least it."""
+    total = 0.0
+    for room in rooms:
+        share = floor.dominant_share(room.free)
+        if share <= 0:
+            return _FIRST_WINDOW  # tasks that need nothing: no bound
+        total += math.floor(1 / share + 1e-9)
+        if total >= _FIRST_WINDOW:
+            break  # a few rooms are enough to know (a pass may offer a thousand)
+    return int(min(total, _FIRST_WINDOW))
 
 
 def _error_result(code: str, message: str) -> TaskResult:

@@ -132,14 +132,22 @@ ErrorCode = Literal[
 ]
 
 
-class TaskError(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+# The records below are `gc=False`: frozen values that never refer back to what holds them, so
+# they cannot be part of a reference cycle. A daemon holds one Task per task it knows, and
+# keeping them out of the cyclic collector's scans made a 100k-task run 7 % faster
+# (bench/throughput.py).
+
+
+class TaskError(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """One thing that went wrong with an attempt: a stable `code` and a message for people."""
 
     code: ErrorCode
     message: str
 
 
-class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class RuntimeStatistics(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False
+):
     """What one attempt used, measured over its whole process tree (DESIGN §7)."""
 
     duration: float = 0.0
@@ -151,7 +159,7 @@ class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     cpu_count: float = 0.0
 
 
-class TaskOutput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class TaskOutput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """The output of an attempt: its statistics, its errors, and why it was skipped."""
 
     runtime_statistics: RuntimeStatistics | None = None
@@ -159,7 +167,7 @@ class TaskOutput(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     skip_reason: str | None = None
 
 
-class TaskResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class TaskResult(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """How an attempt ended: the exit code (None when it never ran) and its output."""
 
     exit_code: int | None = None
@@ -186,7 +194,7 @@ def is_task_id(value: str) -> bool:
     return bool(_ID.match(value))
 
 
-class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class TaskSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """What a user submits. Validated on construction and on decode.
 
     Lower `priority` runs first. `after` lists ids of tasks that must COMPLETE first. `key`
@@ -266,7 +274,7 @@ def decode_specs(data: bytes | str) -> list[TaskSpec]:
         raise _invalid(exc) from None
 
 
-class Task(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Task(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """A snapshot of the scheduler's record of one submitted spec, as the store holds it.
 
     `seq` orders submissions (first in, first out within a priority); `lost_count` and
@@ -298,7 +306,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
         return self.result.error if self.result else None
 
 
-class Attempt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Attempt(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """One finished attempt of a task, as the history keeps it."""
 
     task_id: str

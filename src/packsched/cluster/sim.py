@@ -75,9 +75,10 @@ class SimAlloc(Alloc):
                 self._cluster.on_execute(task)
         finally:
             self.running.discard(task.id)
+        elapsed = clock.monotonic() - begin
         stats = RuntimeStatistics(
-            duration=clock.monotonic() - begin,
-            cpu_time=(clock.monotonic() - begin) * task.spec.resources.cpu,
+            duration=elapsed,
+            cpu_time=elapsed * task.spec.resources.cpu,
             memory=task.spec.resources.mem,
             available_memory=self.resources.mem,
             available_disk_space=self.resources.disk,
