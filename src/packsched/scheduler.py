@@ -257,7 +257,12 @@ class _ReadyQueue:
             and live.get(items[self._head][3].task.id) != (items[self._head][2])
         ):
             self._head += 1
-        for _, _, generation, entry in itertools.islice(items, self._head, None):
+        # By index: islice(items, head, None) would step over the `head` dead slots one by one
+        # on every call, and a pass under a queue of 100,000 makes several calls.
+        i = self._head
+        while i < len(items):
+            _, _, generation, entry = items[i]
+            i += 1
             if live.get(entry.task.id) == generation:
                 yield entry
 
@@ -407,10 +412,7 @@ class Scheduler:
         """Kill what runs (its tasks go back to the queue), cancel requests, free every alloc."""
         for alloc in self._allocs.values():
             for task_id in alloc.tasks:
-                entry = self._tasks[task_id]
-                if entry.scope is not None and entry.cancel_reason is None:
-                    entry.cancel_reason = "shutdown"
-                    entry.scope.cancel()
+                self._cancel_attempt(self._tasks[task_id], "shutdown")
         for request in list(self._requests.values()):
             request.scope.cancel()
         self._launch(self._write_seq)  # placed but never started: their runners end at once
@@ -559,9 +561,7 @@ class Scheduler:
         state = entry.task.state
         if state in (S.STAGING, S.RUNNING):
             check_transition(entry.task.id, state, S.KILLED, "kill")
-            if entry.cancel_reason is None and entry.scope is not None:
-                entry.cancel_reason = "kill"
-                entry.scope.cancel()
+            self._cancel_attempt(entry, "kill")
             await self.wait(task_id)
             return entry.visible
         self._transition(
@@ -1076,7 +1076,6 @@ class Scheduler:
         alloc.idle_wall = None
         entry.alloc = alloc
         entry.cancel_reason = None
-        entry.scope = anyio.CancelScope()
         self._runners += 1
         # The store must know the task was placed before it runs, so that a crash marks it
         # lost instead of forgetting that an attempt began: the committer launches it.
@@ -1131,21 +1130,52 @@ class Scheduler:
             self._tg.start_soon(self._runner, entry, alloc, attach)
 
     async def _runner(self, entry: _TaskEntry, alloc: _AllocEntry, attach: bool) -> None:
-        """Run attempts one after another until there are enough idle runners."""
-        while True:
-            await self._run(entry, alloc, attach)
-            if len(self._idle_runners) >= _IDLE_RUNNERS:
-                return
-            handoff = _Handoff()
-            self._idle_runners.append(handoff)
-            await handoff.ready.wait()
-            assert handoff.attempt is not None
-            entry, alloc, attach = handoff.attempt
+        """Run attempts one after another until there are enough idle runners.
 
-    async def _run(self, entry: _TaskEntry, alloc: _AllocEntry, attach: bool = False) -> None:
+        The attempts of one runner share a cancel scope (entering a new one per attempt cost
+        more than a zero-duration attempt): cancelling it ends the attempt in flight, which is
+        then settled outside the scope, and the runner goes on in a fresh one.
+        """
+        while True:
+            with anyio.CancelScope() as scope:
+                while True:
+                    await self._run(entry, alloc, attach, scope)
+                    if scope.cancel_called:
+                        break  # cancelled just as its attempt ended: the scope is spent
+                    next_attempt = await self._next_attempt()
+                    if next_attempt is None:
+                        return
+                    entry, alloc, attach = next_attempt
+            if scope.cancelled_caught:
+                self._settle_attempt(entry, alloc, None, None, False)
+            next_attempt = await self._next_attempt()
+            if next_attempt is None:
+                return
+            entry, alloc, attach = next_attempt
+
+    async def _next_attempt(self) -> tuple[_TaskEntry, _AllocEntry, bool] | None:
+        """Wait as an idle runner for the next attempt; None when enough runners are idle."""
+        if len(self._idle_runners) >= _IDLE_RUNNERS:
+            return None
+        handoff = _Handoff()
+        self._idle_runners.append(handoff)
+        await handoff.ready.wait()
+        return handoff.attempt
+
+    def _cancel_attempt(self, entry: _TaskEntry, reason: CancelReason) -> None:
+        """Stop the task's placed or running attempt, for the first reason given."""
+        if entry.alloc is None or entry.cancel_reason is not None:
+            return
+        entry.cancel_reason = reason
+        if entry.scope is not None:  # running; one placed but not started never starts
+            entry.scope.cancel()
+
+    async def _run(
+        self, entry: _TaskEntry, alloc: _AllocEntry, attach: bool, scope: anyio.CancelScope
+    ) -> None:
+        """Run one attempt in the runner's scope and settle it; a cancelled one raises out of
+        here (the runner settles it)."""
         task_id = entry.task.id
-        scope = entry.scope
-        assert scope is not None
         started = False
         result: TaskResult | None = None
         failure: BaseException | None = None
@@ -1157,7 +1187,8 @@ class Scheduler:
                 self._transition(entry, S.RUNNING, action="start")
 
         try:
-            with scope:
+            if entry.cancel_reason is None:  # not killed or lost before it started
+                entry.scope = scope
                 if not attach:
                     result = await alloc.alloc.run(entry.task, on_started)
                 else:
@@ -1178,7 +1209,19 @@ class Scheduler:
             if self._runners == 0 and self._runners_done is not None:
                 self._runners_done.set()
             self._wake()
-        reason = entry.cancel_reason if scope.cancelled_caught or result is None else None
+        self._settle_attempt(entry, alloc, result, failure, started)
+
+    def _settle_attempt(
+        self,
+        entry: _TaskEntry,
+        alloc: _AllocEntry,
+        result: TaskResult | None,
+        failure: BaseException | None,
+        started: bool,
+    ) -> None:
+        """Record how an attempt ended: cancelled (for its reason), failed to run, or done."""
+        task_id = entry.task.id
+        reason = entry.cancel_reason if result is None else None
         entry.cancel_reason = None
         if reason == "kill":
             self._transition(
@@ -1373,10 +1416,7 @@ class Scheduler:
         a.dead = True
         self._recorder.alloc_freed(dead=True)
         for task_id in list(a.tasks):
-            entry = self._tasks[task_id]
-            if entry.scope is not None and entry.cancel_reason is None:
-                entry.cancel_reason = "lost"
-                entry.scope.cancel()
+            self._cancel_attempt(self._tasks[task_id], "lost")
         assert self._tg is not None
         self._tg.start_soon(self._free_alloc, a, True)
         self._news()
@@ -1390,10 +1430,7 @@ class Scheduler:
             a.scope.cancel()
         with anyio.CancelScope(shield=True):
             for task_id in list(a.tasks):
-                entry = self._tasks[task_id]
-                if entry.scope is not None and entry.cancel_reason is None:
-                    entry.cancel_reason = "lost" if dead else "shutdown"
-                    entry.scope.cancel()
+                self._cancel_attempt(self._tasks[task_id], "lost" if dead else "shutdown")
             with anyio.move_on_after(self.config.free_timeout) as free_scope:
                 try:
                     await a.alloc.free()
@@ -1531,7 +1568,6 @@ class Scheduler:
         a.idle_since = None
         a.idle_wall = None
         entry.alloc = a
-        entry.scope = anyio.CancelScope()
         self._runners += 1
         self._run_soon(entry, a, attach=True)
 
