@@ -118,7 +118,9 @@ def key(d: Demand) -> tuple[int, int, str]:
     return (d.priority, d.order, d.id)
 
 
-def check_placement(ds: list[Demand], rs: list[Room], p: Placement) -> None:
+def check_placement(
+    ds: list[Demand], rs: list[Room], p: Placement, *, can_grow: bool = True
+) -> None:
     """Every invariant place() promises, replayed decision by decision."""
     by_id = {d.id: d for d in ds}
     placed = [d for d, _ in p.assignments]
@@ -127,14 +129,28 @@ def check_placement(ds: list[Demand], rs: list[Room], p: Placement) -> None:
     assert p.unplaced == sorted(p.unplaced, key=key)
     assert [by_id[d] for d in placed] == sorted((by_id[d] for d in placed), key=key)
     free = {r.id: r.free for r in rs}
+    # Each room's (end, empty) after each assignment to it, with the assignment's queue key.
+    states: dict[str, list[tuple[tuple[int, int, str] | None, float | None, bool]]] = {
+        r.id: [(None, r.expected_free_at, r.free == r.capacity)] for r in rs
+    }
     for did, rid in p.assignments:
         d = by_id[did]
         assert fits(d.resources, free[rid]), f"{did} does not fit {rid}"
-        # No unplaced demand ahead of this one could have used this room now.
+        # No unplaced demand ahead of this one could have used this room now, unless it
+        # waits for an alloc of its own: this room would have had to live longer for it.
         for u in p.unplaced:
-            if key(u) < key(d):
-                assert not u.resources.fits_in(free[rid])
+            if key(u) < key(d) and u.resources.fits_in(free[rid]):
+                _, end, empty = [st for st in states[rid] if st[0] is None or st[0] < key(u)][-1]
+                dur = u.expected_duration
+                assert can_grow and dur is not None
+                assert empty or (end is not None and end < dur)
         free[rid] = free[rid] - d.resources
+        _, end, empty = states[rid][-1]
+        if d.expected_duration is None:
+            end = None
+        elif empty or end is not None:
+            end = d.expected_duration if empty or end is None else max(end, d.expected_duration)
+        states[rid].append((key(d), end, False))
     for r in rs:
         used = total([by_id[d].resources for d, rid in p.assignments if rid == r.id])
         assert fits(used, r.free), f"room {r.id} oversubscribed"
@@ -152,7 +168,7 @@ def check_placement(ds: list[Demand], rs: list[Room], p: Placement) -> None:
 def test_place_invariants(ds: list[Demand], rs: list[Room], can_grow: bool) -> None:
     """Placements fit, never oversubscribe, respect priority and reservations, each demand once."""
     p = place(ds, rs, can_grow=can_grow)
-    check_placement(ds, rs, p)
+    check_placement(ds, rs, p, can_grow=can_grow)
     if can_grow:
         assert p.reserved == {}
 
@@ -301,17 +317,60 @@ def test_reservation_is_skipped_when_no_capacity_fits() -> None:
 
 
 def test_tasks_that_end_together_share_an_alloc() -> None:
-    """Among near-equal fits, a task joins the alloc whose tasks end closest to its own end."""
+    """Among near-equal fits that outlive it, a task joins the alloc whose tasks end soonest."""
     rs = [
         room("short", res(cpu=8), res(cpu=4), expected_free_at=10.0),
         room("long", res(cpu=8), res(cpu=4), expected_free_at=3600.0),
     ]
     long_task = Demand(id="l", resources=res(cpu=1), expected_duration=3000.0)
     assert place([long_task], rs).assignments == [("l", "long")]
-    short_task = Demand(id="s", resources=res(cpu=1), expected_duration=20.0)
+    short_task = Demand(id="s", resources=res(cpu=1), expected_duration=5.0)
     assert place([short_task], rs).assignments == [("s", "short")]
     unknown = Demand(id="u", resources=res(cpu=1))
     assert place([unknown], rs).assignments == [("u", "long")]  # tie: the smaller room id
+
+
+def test_long_task_goes_where_tasks_outlive_it() -> None:
+    """A task joins a room whose tasks outlive it over a fuller one it would keep alive."""
+    rs = [
+        room("full", res(cpu=8), res(cpu=1), expected_free_at=100.0),
+        room("roomy", res(cpu=8), res(cpu=6), expected_free_at=3600.0),
+    ]
+    assert place([Demand(id="t", resources=res(cpu=1))], rs).assignments == [("t", "full")]
+    long_task = Demand(id="t", resources=res(cpu=1), expected_duration=3000.0)
+    assert place([long_task], rs).assignments == [("t", "roomy")]
+
+
+def test_long_task_extends_the_room_where_that_costs_least() -> None:
+    """With no room that outlives it, a task extends the room for the fewest size-seconds."""
+    rs = [
+        room("big", res(cpu=16), res(cpu=1), expected_free_at=100.0),
+        room("small", res(cpu=4), res(cpu=3), expected_free_at=50.0),
+    ]
+    long_task = Demand(id="t", resources=res(cpu=1), expected_duration=3000.0)
+    # Best fit would take "big" (the least slack left), keeping 16 cores for 2,900 s more.
+    assert place([long_task], rs).assignments == [("t", "small")]
+
+
+def test_long_task_waits_for_an_alloc_of_its_own() -> None:
+    """A task that would keep a large busy alloc alive for hours waits for a small one."""
+    rs = [room("big", res(cpu=16), res(cpu=8), expected_free_at=60.0)]
+    small = AllocShape(resources=res(cpu=4), name="small")
+    long_task = Demand(id="t", resources=res(cpu=1), expected_duration=3600.0)
+    p = place([long_task], rs, shapes=[small])
+    assert p.assignments == []
+    assert [d.id for d in p.unplaced] == ["t"]
+    # Without a smaller shape, or when no new alloc can come, it takes the room.
+    assert place([long_task], rs).assignments == [("t", "big")]
+    assert place([long_task], rs, shapes=[small], can_grow=False).assignments == [("t", "big")]
+    # A smaller live room stands in for the menu when the shapes are not given.
+    busy_small = room("small", res(cpu=4), res(cpu=0.5), expected_free_at=10.0)
+    assert place([long_task], [*rs, busy_small]).assignments == []
+    # A short extension is taken, and so is an empty room, whatever it costs.
+    short = Demand(id="s", resources=res(cpu=1), expected_duration=70.0)
+    assert place([short], rs, shapes=[small]).assignments == [("s", "big")]
+    fresh = room("fresh", res(cpu=16))
+    assert place([long_task], [fresh], shapes=[small]).assignments == [("t", "fresh")]
 
 
 def test_many_identical_demands_fill_rooms_in_turn() -> None:
@@ -445,6 +504,53 @@ def test_tasks_that_end_together_share_a_new_alloc() -> None:
     assert len(bins) == 2
     durations = {frozenset(ds[int(i[1:])].expected_duration for i in b.demand_ids) for b in bins}
     assert durations == {frozenset({60.0}), frozenset({3600.0})}
+
+
+def test_much_longer_task_is_not_filler_in_a_short_bin() -> None:
+    """A task far longer than a bin's tasks gets a bin of its own, not the short bin's room."""
+    small = AllocShape(resources=res(cpu=2, mem=8), name="small")
+    large = AllocShape(resources=res(cpu=8, mem=32), name="large")
+    ds = [
+        Demand(id="short", resources=res(cpu=6, mem=6), priority=0, expected_duration=60.0),
+        Demand(id="long", resources=res(cpu=1, mem=1), priority=1, expected_duration=3600.0),
+    ]
+    bins = pack(ds, [small, large])
+    assert sorted((b.demand_ids, b.shape.name) for b in bins) == [
+        (("long",), "small"),
+        (("short",), "large"),
+    ]
+
+
+def test_long_straggler_goes_into_the_smallest_shape() -> None:
+    """A long task among many short ones gets a small alloc, filled with a few short ones, so
+    that no large alloc is kept alive by it alone."""
+    small = AllocShape(resources=res(cpu=4, mem=16), name="small")
+    large = AllocShape(resources=res(cpu=16, mem=64), name="large")
+    ds = [Demand(id="t00", resources=res(cpu=1, mem=1), expected_duration=3600.0)]
+    ds += [
+        Demand(id=f"t{i:02}", resources=res(cpu=1, mem=1), expected_duration=60.0)
+        for i in range(1, 16)
+    ]
+    bins = pack(ds, [small, large])
+    holder = next(b for b in bins if "t00" in b.demand_ids)
+    assert holder.shape.name == "small"
+    assert sum(len(b.demand_ids) for b in bins) == 16
+    # Without durations, one large alloc holds them all.
+    blind = [Demand(id=d.id, resources=d.resources) for d in ds]
+    assert [b.shape.name for b in pack(blind, [small, large])] == ["large"]
+
+
+def test_bins_open_with_the_longest_tasks() -> None:
+    """Bins open with the longest-lived tasks, so shorter ones fill them without extending
+    them: the long task does not land in the large task's short bin."""
+    shape = AllocShape(resources=res(cpu=8, mem=8))
+    ds = [
+        Demand(id="big", resources=res(cpu=6, mem=6), expected_duration=60.0),
+        Demand(id="long", resources=res(cpu=2, mem=2), expected_duration=3600.0),
+        Demand(id="mid", resources=res(cpu=5, mem=5), expected_duration=2000.0),
+    ]
+    bins = pack(ds, [shape])
+    assert sorted(sorted(b.demand_ids) for b in bins) == [["big"], ["long", "mid"]]
 
 
 def test_demands_no_shape_holds_are_left_out() -> None:
@@ -678,6 +784,14 @@ def reference_place(ds: list[Demand], rs: list[Room], can_grow: bool) -> Placeme
     ends = [r.expected_free_at for r in rs]
     empty = [r.free == r.capacity for r in rs]
     held = [False] * len(rs)
+    largest = [max(col) for col in zip(*caps, strict=True)]
+    sizes: list[float] = [
+        sum(c / t for c, t in zip(cap, largest, strict=True) if t > 0) for cap in caps
+    ]
+
+    def fits_cap(d: tuple[float, ...], j: int) -> bool:
+        return all(x <= c + 1e-9 for x, c in zip(d, caps[j], strict=True))
+
     assignments: list[tuple[str, str]] = []
     unplaced: list[Demand] = []
     reserved: dict[str, str] = {}
@@ -688,18 +802,31 @@ def reference_place(ds: list[Demand], rs: list[Room], can_grow: bool) -> Placeme
             for i in range(len(rs))
             if not held[i] and all(x <= f + 1e-9 for x, f in zip(d, free[i], strict=True))
         ]
+        dur = dm.expected_duration
+        if fit and dur is not None:
+            # Rooms that outlive it, then rooms of unknown end, then the cheapest extension.
+            scores = {i: dot(ws[i], free[i]) - dot(d, ws[i]) for i in fit}
+            covers = [j for j in fit if not empty[j] and (e := ends[j]) is not None and e >= dur]
+            unknown = [j for j in fit if not empty[j] and ends[j] is None]
+            if covers:
+                lowest = min(scores[j] for j in covers)
+                near = [j for j in covers if scores[j] <= lowest + 0.05]
+                i = min(near, key=lambda j: (ends[j] or 0.0, scores[j], rs[j].id))
+            elif unknown:
+                i = min(unknown, key=lambda j: (scores[j], rs[j].id))
+            else:
+
+                def cost(j: int, dur: float = dur) -> float:
+                    return (dur - (0.0 if empty[j] else ends[j] or 0.0)) * sizes[j]
+
+                i = min(fit, key=lambda j: (cost(j), scores[j], rs[j].id))
+                alone = min(sizes[j] for j in range(len(rs)) if fits_cap(d, j))
+                if can_grow and not empty[i] and cost(i) > alone * dur + 1e-9:
+                    fit = []  # it waits for an alloc of its own
         if fit:
             scores = {i: dot(ws[i], free[i]) - dot(d, ws[i]) for i in fit}
-            i = min(fit, key=lambda i: (scores[i], rs[i].id))
-            dur = dm.expected_duration
-            if dur is not None:
-                near = [j for j in fit if scores[j] <= scores[i] + 0.05]
-
-                def gap(j: int, dur: float = dur) -> float:
-                    e = ends[j]
-                    return abs(e - dur) if e is not None and not empty[j] else float("inf")
-
-                i = min(near, key=lambda j: (gap(j), scores[j], rs[j].id))
+            if dur is None:
+                i = min(fit, key=lambda i: (scores[i], rs[i].id))
             free[i] = [max(0.0, f - x) for f, x in zip(free[i], d, strict=True)]
             e = ends[i]
             if dur is None:
@@ -771,7 +898,7 @@ def test_place_matches_reference_on_many_rooms() -> None:
         for can_grow in (True, False):
             got = place(ds, rs, can_grow=can_grow)
             assert got == reference_place(ds, rs, can_grow), (seed, can_grow)
-            check_placement(ds, rs, got)
+            check_placement(ds, rs, got, can_grow=can_grow)
 
 
 # -- the helpers that find pending requests' bins again ----------------------------------------
