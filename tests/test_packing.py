@@ -397,6 +397,26 @@ def test_pending_request_counts_at_full_size() -> None:
     assert sorted(out.covered) == ["t0", "t1", "t2", "t3"]
 
 
+def test_pending_request_for_short_tasks_does_not_hold_a_long_one() -> None:
+    """A much longer task is not counted in the room left in a request made for short tasks:
+    it gets a request of its own instead of keeping that alloc alive."""
+    ds = [
+        Demand(id="s1", resources=res(cpu=2, mem=2), order=0, expected_duration=60.0),
+        Demand(id="s2", resources=res(cpu=2, mem=2), order=1, expected_duration=60.0),
+        Demand(id="long", resources=res(cpu=1, mem=1), order=2, expected_duration=3600.0),
+    ]
+    pending = [
+        PendingRequest(
+            id="p", requirements=Requirements(min=res(cpu=8, mem=8)), demand_ids=("s1", "s2")
+        )
+    ]
+    shapes = [AllocShape(resources=res(cpu=4, mem=16)), AllocShape(resources=res(cpu=16, mem=64))]
+    out = plan(ds, pending, shapes, min_alloc=MIN_ALLOC, max_new=5)
+    assert out.cancel == []
+    assert out.request_demands == [("long",)]
+    assert sorted(out.covered) == ["long", "s1", "s2"]
+
+
 def test_unneeded_pending_request_is_cancelled() -> None:
     """A pending request no waiting demand fits in any more is returned for cancelling."""
     ds = [Demand(id="t", resources=res(cpu=2, mem=2))]

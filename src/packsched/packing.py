@@ -336,36 +336,40 @@ class _Rooms:
         end soonest after it. Then rooms of unknown end (a task there has no duration). Then
         the room that is kept alive for the fewest size-seconds (an empty room ends now),
         unless that costs more than an alloc of its own would, which `plan` then asks for.
-        One pass over the rooms the demand fits in.
+        Only when no room outlives the demand are all the rooms it fits in looked at.
         """
         covers: list[tuple[float, str, int]] = []  # (score, id, room): tasks outlive it
         unknown: tuple[float, str, int] | None = None
         extends: tuple[float, float, str, int] | None = None  # (cost, score, id, room)
-        dws: dict[int, float] = {}
-        x = fit
-        while x:
-            low = x & -x
-            x ^= low
-            i = low.bit_length() - 1
-            g = self.group_of[i]
-            dw = dws.get(g)
-            if dw is None:
-                dw = dws[g] = _dot(d, self.group_w[g])
-            score = self.slack[i] - dw
-            end = self.end[i]
-            if self.empty[i]:
-                end = 0.0
-            elif end is None:
-                cand = (score, self.ids[i], i)
-                if unknown is None or cand < unknown:
-                    unknown = cand
+        ends, empty, size = self.end, self.empty, self.size
+        # Each group is walked best fit first; once a room that outlives the demand is found,
+        # only near-equal fits can still matter, so the walk stops past them.
+        for g, entries in enumerate(self.searched):
+            if not entries or not _fits(d, self.group_cap[g]):
                 continue
-            if end >= duration:
-                covers.append((score, self.ids[i], i))
-                continue
-            option = ((duration - end) * self.size[i], score, self.ids[i], i)
-            if extends is None or option < extends:
-                extends = option
+            dw = _dot(d, self.group_w[g])
+            stop = math.inf
+            for slack, rid, i in entries:
+                score = slack - dw
+                if score > stop:
+                    break
+                if not fit >> i & 1:
+                    continue
+                end = ends[i]
+                if empty[i]:
+                    end = 0.0
+                elif end is None:
+                    if unknown is None or (score, rid, i) < unknown:
+                        unknown = (score, rid, i)
+                    continue
+                if end >= duration:
+                    covers.append((score, rid, i))
+                    if stop == math.inf:
+                        stop = score + _NEAR
+                    continue
+                option = ((duration - end) * size[i], score, rid, i)
+                if extends is None or option < extends:
+                    extends = option
         if covers:
             # Tasks that end together share an alloc: among near-equal fits, the room whose
             # tasks end soonest after this one.
@@ -820,7 +824,7 @@ def _fill_bin(
     room: Sequence[float],
     pool: Sequence[int],
     vecs: Sequence[_Vec],
-    size: Sequence[float],
+    size: Sequence[float] | Mapping[int, float],
     life: Sequence[float | None],
     w: _Vec,
     budget: int = _SEARCH_BUDGET,
@@ -959,10 +963,12 @@ def _fill_pending(
 ) -> set[int]:
     """Virtually put candidate items (in urgency order) into the room left in pending requests.
 
-    Priority by priority, each request in turn takes the subset that fills it best (`_fill`, as
-    the packer fills a bin); then each leftover item gets one more chance, directly or by moving
-    one item to another request (`_move_in`). Returns the items placed.
+    Priority by priority, each request in turn takes the subset that fills it best (`_fill_bin`,
+    as the packer fills a bin, so an item much longer than a request's tasks is not counted in
+    it); then each leftover item gets one more chance, directly or by moving one item to
+    another request (`_move_in`). Returns the items placed.
     """
+    life = [_life(d) for d in items]
     placed: set[int] = set()
     if not bins or not candidates:
         return placed
@@ -982,21 +988,27 @@ def _fill_pending(
         for b in bins:
             if not pool:
                 break
-            taken = _fill(b.free, pool, vecs, size, w)
+            taken = _fill_bin(b.life, b.free, pool, vecs, size, life, w)
             if taken:
                 _put(b, taken, vecs)
+                b.life = _longest(b.life, taken, life)
                 placed.update(taken)
                 pool = [i for i in pool if i not in placed]
     leftover = [i for i in fitting if i not in placed]
     for x in leftover[:_REPAIRS]:
-        if _move_in(x, bins, vecs):
+        if _move_in(x, bins, vecs, life):
             placed.add(x)
     return placed
 
 
-def _move_in(x: int, bins: Sequence[_Bin], vecs: Sequence[_Vec]) -> bool:
-    """Put item x into one of the bins, directly or by moving one item to another bin."""
+def _move_in(
+    x: int, bins: Sequence[_Bin], vecs: Sequence[_Vec], life: Sequence[float | None] = ()
+) -> bool:
+    """Put item x into one of the bins, directly or by moving one item to another bin; not into
+    a bin whose tasks x would outlive by more than a factor of 2 (`life`, when known)."""
     d = vecs[x]
+    if life and (own := life[x]) is not None:
+        bins = [b for b in bins if b.life is None or own <= 2 * b.life]
     for b in bins:
         if _fits(d, b.free):
             _put(b, [x], vecs)
@@ -1061,6 +1073,7 @@ def plan(
         [*(d.resources for d in ordered), *full, *(s.resources for s in shapes), min_alloc]
     )
     vecs = [space.vec(d.resources) for d in ordered]
+    lives = [_life(d) for d in ordered]
     held = [_Bin(j, space.vec(r)) for j, r in enumerate(full)]
     menu = _Menu(shapes, space) if shapes else None
     taken: set[int] = set()
@@ -1072,6 +1085,7 @@ def plan(
                 i = index.get(did)
                 if i is not None and i not in taken and _fits(vecs[i], b.free):
                     _put(b, [i], vecs)
+                    b.life = _longest(b.life, [i], lives)
                     taken.add(i)
     spare: list[tuple[int, list[int]]] = []  # (shape, content): bins no pending request holds
     considered: list[int] = []
@@ -1104,6 +1118,7 @@ def plan(
                 spare.append((b.shape, content))
                 continue
             _put(held[j], content, vecs)
+            held[j].life = _longest(held[j].life, content, lives)
             taken.update(content)
     # The bins no request matched (something changed since the requests were made) are
     # often the content of the unmatched requests rearranged: look for an assignment of all
