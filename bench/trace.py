@@ -359,6 +359,25 @@ class _Hybrid:
         self.plan = planner.plan
 
 
+class _ToldShapes:
+    """packsched's policy with `place` told the shapes on offer (`packing.place(shapes=...)`),
+    which the Scheduler does not pass yet: what a long task's own alloc would cost is then
+    known even when no small alloc is live."""
+
+    def __init__(self, shapes: Sequence[AllocShape]) -> None:
+        self._shapes = tuple(shapes)
+        self.plan = packing.plan
+
+    def place(
+        self,
+        demands: Sequence[packing.Demand],
+        rooms: Sequence[packing.Room],
+        *,
+        can_grow: bool = True,
+    ) -> packing.Placement:
+        return packing.place(demands, rooms, can_grow=can_grow, shapes=self._shapes)
+
+
 _SHAPES = tuple(
     AllocShape(resources=Resources(cpu=c, mem=4 * c * GiB, disk=100 * GiB), name=f"{c}cpu")
     for c in (4, 8, 16)
@@ -377,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="also run each policy's place() with the other's plan()",
+        help="also run each policy's place() with the other's plan(), and packsched with "
+        "place() told the shapes on offer",
     )
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results")
     args = parser.parse_args(argv)
@@ -437,6 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             runs.append(
                 ("reference place + packsched plan", replay(trace, _Hybrid(ref, packing), setup))
+            )
+            runs.append(
+                (
+                    "packsched, place told the shapes",
+                    replay(trace, _ToldShapes(setup.shapes), setup),
+                )
             )
         for label, o in runs:
             rows.append(
