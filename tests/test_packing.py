@@ -316,18 +316,19 @@ def test_reservation_is_skipped_when_no_capacity_fits() -> None:
     assert [d.id for d in p.unplaced] == ["huge"]
 
 
-def test_tasks_that_end_together_share_an_alloc() -> None:
-    """Among near-equal fits that outlive it, a task joins the alloc whose tasks end soonest."""
+def test_task_that_fits_in_rooms_that_outlive_it_takes_the_best_fit() -> None:
+    """Among rooms whose tasks outlive it, a task takes the best fit, not the nearest end."""
     rs = [
         room("short", res(cpu=8), res(cpu=4), expected_free_at=10.0),
-        room("long", res(cpu=8), res(cpu=4), expected_free_at=3600.0),
+        room("long", res(cpu=8), res(cpu=3.75), expected_free_at=3600.0),
     ]
     long_task = Demand(id="l", resources=res(cpu=1), expected_duration=3000.0)
     assert place([long_task], rs).assignments == [("l", "long")]
+    # Nearly as good a fit in "short", whose tasks end closer to its own end: best fit wins.
     short_task = Demand(id="s", resources=res(cpu=1), expected_duration=5.0)
-    assert place([short_task], rs).assignments == [("s", "short")]
+    assert place([short_task], rs).assignments == [("s", "long")]
     unknown = Demand(id="u", resources=res(cpu=1))
-    assert place([unknown], rs).assignments == [("u", "long")]  # tie: the smaller room id
+    assert place([unknown], rs).assignments == [("u", "long")]
 
 
 def test_long_task_goes_where_tasks_outlive_it() -> None:
@@ -829,9 +830,7 @@ def reference_place(ds: list[Demand], rs: list[Room], can_grow: bool) -> Placeme
             covers = [j for j in fit if not empty[j] and (e := ends[j]) is not None and e >= dur]
             unknown = [j for j in fit if not empty[j] and ends[j] is None]
             if covers:
-                lowest = min(scores[j] for j in covers)
-                near = [j for j in covers if scores[j] <= lowest + 0.05]
-                i = min(near, key=lambda j: (ends[j] or 0.0, scores[j], rs[j].id))
+                i = min(covers, key=lambda j: (scores[j], rs[j].id))
             elif unknown:
                 i = min(unknown, key=lambda j: (scores[j], rs[j].id))
             else:
