@@ -10,8 +10,9 @@ capacity, timed from the first submit to the last result (spec construction incl
 - Ray: `ray.init(num_cpus=8)`, tasks with `num_cpus=1`, run in a child process inside its own
   network namespace (`unshare -n`, loopback only) so that Ray binds nothing but 127.0.0.1.
 
+Each size runs `--repeat` times (3) on every system and the table shows the median rate.
 Each peer is optional (the `bench` extra); a missing one prints "skipped" with the reason.
-Run: `.venv/bin/python bench/throughput.py [--quick] [--sizes 1000,10000,100000]`.
+Run: `.venv/bin/python bench/throughput.py [--quick] [--sizes 1000,10000,100000] [--repeat 3]`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import importlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -76,8 +78,9 @@ def _noop(_: int) -> None:
     return None
 
 
-def run_dask(sizes: Sequence[int]) -> dict[int, float] | str:
-    """Seconds for each size on a Dask LocalCluster with worker resources, or why it was skipped."""
+def run_dask(sizes: Sequence[int], repeat: int = 1) -> dict[int, float] | str:
+    """Median seconds for each size on a Dask LocalCluster with worker resources (`repeat`
+    runs each, on one cluster), or why it was skipped."""
     try:
         # Imported by name so that the module type-checks with or without the bench extra.
         distributed: Any = importlib.import_module("distributed")
@@ -97,16 +100,20 @@ def run_dask(sizes: Sequence[int]) -> dict[int, float] | str:
     ):
         client.submit(_noop, -1, pure=False).result()  # warm the workers up
         for n in sizes:
-            start = time.perf_counter()
-            futures = client.map(_noop, range(n), resources={"cpu": 1}, pure=False)
-            distributed.wait(futures)
-            out[n] = time.perf_counter() - start
-            del futures
+            times = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                futures = client.map(_noop, range(n), resources={"cpu": 1}, pure=False)
+                distributed.wait(futures)
+                times.append(time.perf_counter() - start)
+                del futures
+            out[n] = statistics.median(times)
     return out
 
 
-def _ray_child(sizes: Sequence[int]) -> None:
-    """Inside the network namespace: time each size on Ray and print {n: seconds} as JSON."""
+def _ray_child(sizes: Sequence[int], repeat: int) -> None:
+    """Inside the network namespace: time each size on Ray `repeat` times and print
+    {n: median seconds} as JSON."""
     ray: Any = importlib.import_module("ray")
     ray.init(
         num_cpus=CPUS,
@@ -119,15 +126,19 @@ def _ray_child(sizes: Sequence[int]) -> None:
     ray.get(noop.remote(-1))  # warm a worker up
     out: dict[int, float] = {}
     for n in sizes:
-        start = time.perf_counter()
-        ray.get([noop.remote(i) for i in range(n)])
-        out[n] = time.perf_counter() - start
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            ray.get([noop.remote(i) for i in range(n)])
+            times.append(time.perf_counter() - start)
+        out[n] = statistics.median(times)
     ray.shutdown()
     print(json.dumps(out))
 
 
-def run_ray(sizes: Sequence[int]) -> dict[int, float] | str:
-    """Seconds for each size on Ray in a loopback-only network namespace, or why it was skipped."""
+def run_ray(sizes: Sequence[int], repeat: int = 1) -> dict[int, float] | str:
+    """Median seconds for each size on Ray in a loopback-only network namespace (`repeat`
+    runs each), or why it was skipped."""
     try:
         importlib.import_module("ray")
     except ImportError as exc:
@@ -142,7 +153,7 @@ def run_ray(sizes: Sequence[int]) -> dict[int, float] | str:
         return f"skipped: cannot make a network namespace ({probe.stderr.strip()})"
     script = (
         f"{ip} link set lo up && exec {sys.executable} {Path(__file__).resolve()} "
-        f"--ray-child {','.join(map(str, sizes))}"
+        f"--ray-child {','.join(map(str, sizes))} --repeat {repeat}"
     )
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(
@@ -172,13 +183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--budget", type=float, default=120.0, help="seconds a packsched run may take at most"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per size and system; the median is shown"
+    )
     parser.add_argument("--no-dask", action="store_true")
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results")
     parser.add_argument("--ray-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat: must be at least 1")
     if args.ray_child:
-        _ray_child([int(x) for x in args.ray_child.split(",")])
+        _ray_child([int(x) for x in args.ray_child.split(",")], args.repeat)
         return 0
     configure_logging("error", "console")
     if args.sizes:
@@ -186,10 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         sizes = [200] if args.quick else [1_000, 10_000, 100_000]
 
-    fixed = {n: run_packsched(n, budget=args.budget) for n in sizes}
-    elastic = {n: run_packsched(n, elastic=True, budget=args.budget) for n in sizes}
-    dask = "skipped: --no-dask" if args.no_dask else run_dask(sizes)
-    ray = "skipped: --no-ray" if args.no_ray else run_ray(sizes)
+    def median_run(n: int, elastic: bool) -> tuple[int, float]:
+        """The run with the median rate (the lower middle one for an even count)."""
+        runs = [run_packsched(n, elastic=elastic, budget=args.budget) for _ in range(args.repeat)]
+        runs.sort(key=lambda r: r[0] / r[1])
+        return runs[(len(runs) - 1) // 2]
+
+    fixed = {n: median_run(n, False) for n in sizes}
+    elastic = {n: median_run(n, True) for n in sizes}
+    dask = "skipped: --no-dask" if args.no_dask else run_dask(sizes, args.repeat)
+    ray = "skipped: --no-ray" if args.no_ray else run_ray(sizes, args.repeat)
 
     headers = [
         "tasks",
@@ -226,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = (
             f"Each task needs 1 cpu and does nothing; {CPUS} cpus of capacity everywhere; timed "
             "from the first submit to the last result, spec construction included; rates in "
-            "tasks/s. packsched: in-process Scheduler + SimCluster (memory store, default "
+            f"tasks/s, the median of {args.repeat} runs per size and system. packsched: in-process Scheduler + SimCluster (memory store, default "
             "SchedulerConfig) holding one 8-cpu alloc (`8 cpus`, the peers' capacity) or granting "
             "8-cpu allocs on demand (`elastic`); a run still going after the budget "
             f"({args.budget:g}s) is stopped and its rate is what settled by then. Dask: LocalCluster(n_workers=2, "
