@@ -28,9 +28,16 @@ class ReferencePolicy:
     """The reference design's placement and alloc planning (see the module docstring)."""
 
     def place(
-        self, demands: Sequence[Demand], rooms: Sequence[Room], *, can_grow: bool = True
+        self,
+        demands: Sequence[Demand],
+        rooms: Sequence[Room],
+        *,
+        can_grow: bool = True,
+        shapes: Sequence[AllocShape] = (),
+        alloc_overhead: float = 0.0,
     ) -> Placement:
-        """First fit in FIFO order within priority; stop at the first demand that fits nowhere."""
+        """First fit in FIFO order within priority; stop at the first demand that fits nowhere
+        (the shapes on offer and the alloc overhead play no part)."""
         ordered = sorted(demands, key=lambda d: (d.priority, d.order, d.id))
         free = [r.free for r in rooms]
         assignments: list[tuple[str, str]] = []

@@ -359,14 +359,12 @@ class _Hybrid:
         self.plan = planner.plan
 
 
-class _ToldShapes:
-    """packsched's policy with `place` told the shapes on offer (`packing.place(shapes=...)`),
-    which the Scheduler does not pass yet: what a long task's own alloc would cost is then
-    known even when no small alloc is live."""
+class _Unaware:
+    """packsched's policy with `place` not told the shapes on offer nor the alloc overhead
+    (as before the Scheduler passed them): what a long task's own alloc would cost is then the
+    smallest live alloc that holds it, for its duration alone."""
 
-    def __init__(self, shapes: Sequence[AllocShape]) -> None:
-        self._shapes = tuple(shapes)
-        self.plan = packing.plan
+    plan = staticmethod(packing.plan)
 
     def place(
         self,
@@ -374,8 +372,10 @@ class _ToldShapes:
         rooms: Sequence[packing.Room],
         *,
         can_grow: bool = True,
+        shapes: Sequence[AllocShape] = (),
+        alloc_overhead: float = 0.0,
     ) -> packing.Placement:
-        return packing.place(demands, rooms, can_grow=can_grow, shapes=self._shapes)
+        return packing.place(demands, rooms, can_grow=can_grow)
 
 
 _SHAPES = tuple(
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ablation",
         action="store_true",
         help="also run each policy's place() with the other's plan(), and packsched with "
-        "place() told the shapes on offer",
+        "place() not told the shapes on offer and the alloc overhead",
     )
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results")
     args = parser.parse_args(argv)
@@ -458,12 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs.append(
                 ("reference place + packsched plan", replay(trace, _Hybrid(ref, packing), setup))
             )
-            runs.append(
-                (
-                    "packsched, place told the shapes",
-                    replay(trace, _ToldShapes(setup.shapes), setup),
-                )
-            )
+            runs.append(("packsched, place not told the shapes", replay(trace, _Unaware(), setup)))
         for label, o in runs:
             rows.append(
                 [

@@ -374,6 +374,17 @@ def test_long_task_waits_for_an_alloc_of_its_own() -> None:
     assert place([long_task], [fresh], shapes=[small]).assignments == [("t", "fresh")]
 
 
+def test_alloc_overhead_counts_against_an_alloc_of_its_own() -> None:
+    """An alloc of its own is paid beyond the task (its idle time before it is freed): a task
+    whose extension of a busy room costs less than that takes the room instead of waiting."""
+    rs = [room("big", res(cpu=16), res(cpu=8), expected_free_at=60.0)]
+    small = AllocShape(resources=res(cpu=4), name="small")
+    task = Demand(id="t", resources=res(cpu=1), expected_duration=100.0)
+    # Keeping 16 cpus 40 s longer (640 cpu-s) against 4 cpus for 100 s (400) or 200 s (800).
+    assert place([task], rs, shapes=[small]).assignments == []
+    assert place([task], rs, shapes=[small], alloc_overhead=100.0).assignments == [("t", "big")]
+
+
 def test_many_identical_demands_fill_rooms_in_turn() -> None:
     """A batch of identical tasks fills the fullest room first and never oversubscribes."""
     rs = [room(f"r{i}", res(cpu=4, mem=4), res(cpu=4 - i, mem=4 - i)) for i in range(4)]

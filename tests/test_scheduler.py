@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 import pytest
@@ -19,6 +19,7 @@ from packsched import (
     TaskNotFoundError,
     TaskSpec,
     TaskState,
+    packing,
 )
 from packsched.cluster import SimCluster
 from packsched.testing import ManualCluster, error_codes, wait_until
@@ -436,3 +437,35 @@ async def test_a_burst_leaves_a_bounded_number_of_idle_runners() -> None:
         assert [t.state for t in done] == [S.COMPLETE] * 500
         # At most 64 idle runners, plus the alloc's keepalive and a timer or two.
         assert len(asyncio.all_tasks()) - before <= 64 + 4
+
+
+async def test_placement_is_told_the_shapes_and_the_alloc_overhead() -> None:
+    """The policy's place() hears what the cluster offers and how long an idle alloc is kept,
+    so a long task can weigh a busy alloc against one of its own."""
+    seen: list[tuple[tuple[AllocShape, ...], float]] = []
+
+    class Recording:
+        plan = staticmethod(packing.plan)
+
+        def place(
+            self,
+            demands: Sequence[packing.Demand],
+            rooms: Sequence[packing.Room],
+            *,
+            can_grow: bool = True,
+            shapes: Sequence[AllocShape] = (),
+            alloc_overhead: float = 0.0,
+        ) -> packing.Placement:
+            seen.append((tuple(shapes), alloc_overhead))
+            return packing.place(
+                demands, rooms, can_grow=can_grow, shapes=shapes, alloc_overhead=alloc_overhead
+            )
+
+    offered = [
+        AllocShape(resources=Resources(cpu=c, mem=4 * c * GiB), name=f"{c}cpu") for c in (2, 8)
+    ]
+    config = msgspec.structs.replace(FAST, max_alloc_idle_time=42.0)
+    async with Scheduler(SimCluster(offered), config=config, policy=Recording()) as sched:
+        [t] = await sched.submit(spec(cpu=1, mem=1 * GiB, expected_duration=0.01))
+        assert (await sched.wait(t.id)).state is S.COMPLETE
+    assert seen and all(s == (tuple(offered), 42.0) for s in seen)

@@ -129,6 +129,8 @@ class PackingPolicy(Protocol):
         rooms: Sequence[packing.Room],
         *,
         can_grow: bool = True,
+        shapes: Sequence[AllocShape] = (),
+        alloc_overhead: float = 0.0,
     ) -> packing.Placement: ...
 
     def plan(
@@ -1009,6 +1011,8 @@ class Scheduler:
             return
         held: set[str] = set()  # rooms reserved for a waiting task of an earlier window
         queue = iter(self._ready)
+        # What an alloc of its own would cost a long task, against keeping a busy one alive.
+        shapes = self.cluster.shapes()
         size = 0  # doubling: a pass that frees a few slots looks at a few tasks
         while True:
             rooms = [
@@ -1030,7 +1034,13 @@ class Scheduler:
             window = [e.demand or self._demand(e) for e in itertools.islice(queue, size)]
             if not window:
                 return
-            placement = self._policy.place(window, rooms, can_grow=can_grow)
+            placement = self._policy.place(
+                window,
+                rooms,
+                can_grow=can_grow,
+                shapes=shapes,
+                alloc_overhead=self.config.max_alloc_idle_time,
+            )
             for task_id, alloc_id in placement.assignments:
                 self._start(self._tasks[task_id], self._allocs[alloc_id])
             held.update(placement.reserved)
