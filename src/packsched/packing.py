@@ -508,6 +508,8 @@ def place(
     ordered = sorted(demands, key=_urgency)
     if not ordered or not rooms:
         return Placement(assignments=[], unplaced=ordered, reserved={})
+    if shapes and all(d.expected_duration is None for d in ordered):
+        shapes = ()  # they only price an alloc of its own for a demand with a duration
     space = _Space(
         [
             *(d.resources for d in ordered),
