@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 from typing import Any
 
 import httpx
@@ -12,14 +13,33 @@ import pytest
 _RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while await reader.readuntil(b"\r\n\r\n"):
-            writer.write(_RESPONSE)
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionResetError):
-        pass
-    writer.close()
+class _OkServer:
+    """A loopback HTTP/1.1 server that answers every request "ok", and closes every
+    connection it accepted when it stops (so no transport is left to the garbage collector)."""
+
+    def __init__(self) -> None:
+        self.handlers: list[asyncio.Task[None]] = []
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.append(task)
+        self.writers.append(writer)
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(_RESPONSE)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            pass
+
+    async def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        await asyncio.gather(*self.handlers)
+        for writer in self.writers:
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
 
 async def test_async_requests_make_no_failed_imports(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,12 +56,18 @@ async def test_async_requests_make_no_failed_imports(monkeypatch: pytest.MonkeyP
             failed.append(name)
             raise
 
-    server = await asyncio.start_server(_serve, "127.0.0.1", 0)
+    ok = _OkServer()
+    server = await asyncio.start_server(ok.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-        await client.get("/")  # warm up: connection and first imports
-        monkeypatch.setattr(builtins, "__import__", spy)
-        replies = await asyncio.gather(*(client.get("/") for _ in range(16)))
-        monkeypatch.undo()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await client.get("/")  # warm up: connection and first imports
+            monkeypatch.setattr(builtins, "__import__", spy)
+            replies = await asyncio.gather(*(client.get("/") for _ in range(16)))
+            monkeypatch.undo()
+    finally:
+        server.close()
+        await ok.close()
+        await server.wait_closed()
     assert [r.text for r in replies] == ["ok"] * 16
     assert failed == []
