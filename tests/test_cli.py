@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from packsched import Resources, TaskSpec, TaskState
+from packsched.api import Client
 from packsched.cli import main
 
 from .e2e.daemon import TOKEN, Daemon
@@ -114,6 +116,38 @@ def test_usage_and_connection_errors(
     assert main(["ls", "--url", "http://127.0.0.1:9", "--retry-timeout", "0"], out=out) == 3
     assert "cannot reach" in capsys.readouterr().err
     assert main(["frobnicate"]) == 2
+
+
+def test_clients_find_the_daemon_from_its_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the state directory and port set only in a TOML file (and the token generated
+    there by the daemon), `serve`, the CLI and the Python Client all find each other from
+    `$PACKSCHED_CONFIG`, or the CLI from `--config`."""
+    for name in ("PACKSCHED_URL", "PACKSCHED_TOKEN", "PACKSCHED_STATE_DIR", "PACKSCHED_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    d = Daemon(tmp_path, token=None).start(config_from_env=True)
+    try:
+        out = io.StringIO()
+        assert main(["stats", "--config", str(d.config_path), "--json"], out=out) == 0
+        assert json.loads(out.getvalue())["total_tasks"] == 0
+        monkeypatch.setenv("PACKSCHED_CONFIG", str(d.config_path))
+        assert main(["stats"], out=io.StringIO()) == 0
+        with Client() as client:
+            [task] = client.submit([TaskSpec(command=["true"], resources=Resources(cpu=0.1))])
+            assert client.wait([task.id], timeout=30)[0].state is TaskState.COMPLETE
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_a_config_without_a_fixed_port_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Port 0 is picked at start: the CLI says why it cannot find the daemon from the file."""
+    config = tmp_path / "packsched.toml"
+    config.write_text("[server]\nport = 0\n")
+    assert main(["stats", "--config", str(config)], out=io.StringIO()) == 2
+    assert "server.port is 0" in capsys.readouterr().err
 
 
 def test_serve_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

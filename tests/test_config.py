@@ -140,6 +140,50 @@ def test_token_from_config_or_file(tmp_path: Path) -> None:
         resolve_token(config)
 
 
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:9001"),
+        ("0.0.0.0", "http://127.0.0.1:9001"),
+        ("::", "http://[::1]:9001"),
+        ("fd00::5", "http://[fd00::5]:9001"),
+        ("sched.example.org", "http://sched.example.org:9001"),
+    ],
+)
+def test_client_url_from_the_daemon_config(tmp_path: Path, host: str, url: str) -> None:
+    """A client reaches the configured address; a wildcard listen address on loopback."""
+    config = load_config(write(tmp_path, f'[server]\nhost = "{host}"\nport = 9001\n'))
+    assert config.client_url() == url
+
+
+def test_client_url_needs_a_fixed_port(tmp_path: Path) -> None:
+    """Port 0 is picked when the daemon starts: the config cannot tell a client where it is."""
+    config = load_config(write(tmp_path, "[server]\nport = 0\n"))
+    with pytest.raises(ConfigError, match=r"server\.port is 0"):
+        config.client_url()
+
+
+def test_client_token_from_the_daemon_config(tmp_path: Path) -> None:
+    """server.token, else server.token_file, else the token the daemon wrote in its state
+    directory (None before it has); an unreadable token_file is an error naming the key."""
+    state = tmp_path / "state"
+    config = DaemonConfig(state_dir=str(state))
+    assert config.client_token() is None
+    state.mkdir()
+    token, _ = resolve_token(config)  # what the daemon does when it starts
+    assert config.client_token() == token
+    file = tmp_path / "tok"
+    file.write_text("from-file\n")
+    from_file = load_config(
+        environ={"PACKSCHED_STATE_DIR": str(state), "PACKSCHED_SERVER__TOKEN_FILE": str(file)}
+    )
+    assert from_file.client_token() == "from-file"
+    assert load_config(environ={"PACKSCHED_SERVER__TOKEN": "s3cret"}).client_token() == "s3cret"
+    file.unlink()
+    with pytest.raises(ConfigError, match=r"server\.token_file: cannot read"):
+        from_file.client_token()
+
+
 def test_the_documented_example_loads() -> None:
     """docs/packsched.toml, the documented example, is a valid config."""
     example = Path(__file__).resolve().parent.parent / "docs" / "packsched.toml"

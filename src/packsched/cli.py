@@ -17,6 +17,7 @@ Exit codes (scripts may rely on them):
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -167,7 +168,14 @@ def _show_task(t: Task, out: TextIO) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.url, args.token, retry_timeout=args.retry_timeout)
+    url, token = args.url, args.token
+    if args.config and (url is None or token is None):
+        from .config import load_config
+
+        config = load_config(args.config)
+        url = url or config.client_url()
+        token = token if token is not None else config.client_token()
+    return Client(url, token, retry_timeout=args.retry_timeout)
 
 
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
@@ -175,7 +183,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     import anyio
 
     from .api.daemon import serve
-    from .config import ConfigError, load_config
+    from .config import CONFIG_ENV, ConfigError, load_config
     from .log import configure_logging
 
     overrides: dict[str, Any] = {}
@@ -199,7 +207,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             raise _Exit(USAGE, f"--set expects KEY=VALUE (e.g. server.port=9000), got {item!r}")
         overrides[key] = value
     try:
-        config = load_config(args.config, overrides=overrides)
+        config = load_config(args.config or os.environ.get(CONFIG_ENV), overrides=overrides)
     except ConfigError as exc:
         raise _Exit(USAGE, f"invalid configuration: {exc}") from None
     configure_logging(config.log.level, config.log.format)
@@ -512,6 +520,12 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--token", help="bearer token (default $PACKSCHED_TOKEN, else <state_dir>/token)"
     )
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the daemon's TOML config, to find its address and token when --url / --token "
+        "are not given (default $PACKSCHED_CONFIG)",
+    )
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
     common.add_argument(
         "--retry-timeout",
@@ -522,7 +536,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("serve", help="run the daemon in the foreground")
-    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (default $PACKSCHED_CONFIG)")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8742; 0 picks a free one)")
     p.add_argument("--state-dir", help="token, SQLite log (default ~/.local/state/packsched)")

@@ -14,11 +14,14 @@ underscores can stay inside key names::
 
 Values are strings converted to the key's type (`"9000"` -> 9000, `"true"` -> True); a value
 starting with `[` or `{` is read as a TOML inline array or table. `PACKSCHED_URL` and
-`PACKSCHED_TOKEN` configure clients, not the daemon, and are ignored here.
+`PACKSCHED_TOKEN` configure clients, not the daemon, and are ignored here. `PACKSCHED_CONFIG`
+names the TOML file for both: `packsched serve` reads it when `--config` is not given, and
+clients find the daemon's address and token in it (`DaemonConfig.client_url` / `client_token`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -35,6 +38,7 @@ from .resources import AllocShape, MiB, Resources
 from .scheduler import SchedulerConfig
 
 __all__ = [
+    "CONFIG_ENV",
     "DEFAULT_PORT",
     "ClusterConfig",
     "ConfigError",
@@ -277,11 +281,63 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         """The state directory: as configured, else the per-user default."""
         return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir()
 
+    def client_url(self) -> str:
+        """Where a client on this machine reaches the daemon this config describes (a
+        wildcard listen address, `0.0.0.0` or `::`, is reached on loopback).
+
+        Raises:
+            ConfigError: `server.port` is 0: the daemon picks a free port when it starts, so
+                no client can know it from the config.
+        """
+        if self.server.port == 0:
+            raise ConfigError(
+                "server.port is 0 (a free port picked at start), so a client cannot find the "
+                "daemon from the config: set a port, or give the client its URL"
+            )
+        host = self.server.host
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None  # a host name
+        if address is not None and address.is_unspecified:
+            host = "::1" if address.version == 6 else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.server.port}"
+
+    def client_token(self) -> str | None:
+        """The daemon's bearer token as a client on this machine finds it: `server.token`,
+        else the contents of `server.token_file`, else `<state_dir>/token` once the daemon
+        has written it; None when there is none to read.
+
+        Raises:
+            ConfigError: `server.token_file` cannot be read.
+        """
+        if self.server.token:
+            return self.server.token
+        if self.server.token_file:
+            path = Path(self.server.token_file).expanduser()
+            try:
+                return path.read_text(encoding="utf-8").strip() or None
+            except OSError as exc:
+                raise ConfigError(
+                    f"server.token_file: cannot read {path}: {exc.strerror}"
+                ) from None
+        try:
+            text = (self.resolved_state_dir() / "token").read_text(encoding="utf-8")
+        except OSError:
+            return None
+        return text.strip() or None
+
     def store_path(self) -> Path:
         """The SQLite file: as configured, else `<state_dir>/packsched.db`."""
         if self.store.path:
             return Path(self.store.path).expanduser()
         return self.resolved_state_dir() / "packsched.db"
+
+
+# The environment variable naming the TOML config file, for the daemon and its clients.
+CONFIG_ENV = "PACKSCHED_CONFIG"
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:

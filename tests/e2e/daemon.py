@@ -50,8 +50,15 @@ class Daemon:
     """One `python -m packsched serve` process; `start()` returns once /livez answers."""
 
     def __init__(
-        self, state_dir: Path, *, cluster: dict[str, Any] | None = None, **server: Any
+        self,
+        state_dir: Path,
+        *,
+        cluster: dict[str, Any] | None = None,
+        token: str | None = TOKEN,
+        **server: Any,
     ) -> None:
+        """`token=None` leaves the token out of the config: the daemon generates one into
+        `<state_dir>/token`."""
         self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -59,7 +66,7 @@ class Daemon:
         self.config_path = write_config(
             state_dir / "packsched.toml",
             {
-                "server": {"port": self.port, "token": TOKEN, **server},
+                "server": {"port": self.port, **({"token": token} if token else {}), **server},
                 "store": {"kind": "sqlite", "path": str(state_dir / "packsched.db")},
                 "cluster": cluster or {"kind": "sim"},
                 "scheduler": {"drain_timeout": 0.002},
@@ -69,21 +76,27 @@ class Daemon:
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def spawn(self) -> Daemon:
-        """Start the process without waiting for it to listen."""
+    def spawn(self, *, config_from_env: bool = False) -> Daemon:
+        """Start the process without waiting for it to listen; the config file is named by
+        `--config`, or by `$PACKSCHED_CONFIG` alone with `config_from_env`."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PACKSCHED_")}
+        argv = [sys.executable, "-m", "packsched", "serve"]
+        if config_from_env:
+            env["PACKSCHED_CONFIG"] = str(self.config_path)
+        else:
+            argv += ["--config", str(self.config_path)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "packsched", "serve", "--config", str(self.config_path)],
+                argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
             )
         return self
 
-    def start(self, timeout: float = 30.0) -> Daemon:
+    def start(self, timeout: float = 30.0, *, config_from_env: bool = False) -> Daemon:
         """Spawn the daemon and wait until it answers /livez."""
-        self.spawn()
+        self.spawn(config_from_env=config_from_env)
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:

@@ -27,7 +27,7 @@ import anyio
 import httpx
 import msgspec
 
-from ..config import DEFAULT_PORT, default_state_dir
+from ..config import CONFIG_ENV, DEFAULT_PORT, DaemonConfig, default_state_dir, load_config
 from ..errors import InvalidSpecError, InvalidTransition, PackschedError, TaskNotFoundError
 from ..stats.snapshot import StatsSnapshot
 from ..task import Attempt, Task, TaskResult, TaskSpec, TaskState
@@ -108,16 +108,41 @@ class TaskFailed(PackschedError):
 # -- defaults --------------------------------------------------------------------------------
 
 
+def _configured() -> DaemonConfig | None:
+    """The daemon's config named by `$PACKSCHED_CONFIG`, if set (with the `PACKSCHED_*`
+    overrides the daemon would apply in this environment)."""
+    path = os.environ.get(CONFIG_ENV)
+    return load_config(path) if path else None
+
+
 def default_url() -> str:
-    """`$PACKSCHED_URL`, else the daemon's default address on this machine."""
-    return os.environ.get("PACKSCHED_URL") or f"http://127.0.0.1:{DEFAULT_PORT}"
+    """`$PACKSCHED_URL`, else the address in the config `$PACKSCHED_CONFIG` names, else the
+    daemon's default address on this machine.
+
+    Raises:
+        ConfigError: `$PACKSCHED_CONFIG` names a file that is unreadable or invalid, or that
+            gives no fixed port.
+    """
+    url = os.environ.get("PACKSCHED_URL")
+    if url:
+        return url
+    config = _configured()
+    return config.client_url() if config else f"http://127.0.0.1:{DEFAULT_PORT}"
 
 
 def default_token() -> str | None:
-    """`$PACKSCHED_TOKEN`, else the token file a local daemon wrote, else None."""
+    """`$PACKSCHED_TOKEN`, else the token of the daemon `$PACKSCHED_CONFIG` describes, else the
+    token file a local daemon wrote, else None.
+
+    Raises:
+        ConfigError: as `default_url`, or the config's `server.token_file` is unreadable.
+    """
     token = os.environ.get("PACKSCHED_TOKEN")
     if token:
         return token.strip()
+    config = _configured()
+    if config is not None:
+        return config.client_token()
     try:
         return (default_state_dir() / "token").read_text(encoding="utf-8").strip() or None
     except OSError:
@@ -398,8 +423,10 @@ class Client(_Base):
     """A blocking client for the daemon (httpx.Client underneath).
 
     Args:
-        url: the daemon's address; default `$PACKSCHED_URL`, else http://127.0.0.1:8742.
-        token: the bearer token; default `$PACKSCHED_TOKEN`, else `<state_dir>/token`.
+        url: the daemon's address; default `$PACKSCHED_URL`, else the address in the config
+            file `$PACKSCHED_CONFIG` names, else http://127.0.0.1:8742.
+        token: the bearer token; default `$PACKSCHED_TOKEN`, else the token of the daemon
+            `$PACKSCHED_CONFIG` describes, else `<state_dir>/token`.
         timeout: seconds for connecting and for each answer (long-polls get their wait on top).
         retry_timeout: how long connection failures and 502/503/504 are retried.
         transport: an httpx transport (for tests).
