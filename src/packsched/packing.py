@@ -337,7 +337,8 @@ class _Rooms:
         cost nothing: among them the best fit. Then rooms of unknown end (a task there has no
         duration). Then the room that is kept alive for the fewest size-seconds (an empty room
         ends now), unless that costs more than an alloc of its own would (for the demand's
-        duration plus `place`'s `alloc_overhead`), which `plan` then asks for. Only when no room outlives the demand are all the rooms it fits in looked at.
+        duration plus `place`'s `alloc_overhead`), which `plan` then asks for. Only when no
+        room outlives the demand are all the rooms it fits in looked at.
         """
         cover: tuple[float, str, int] | None = None  # the best fit among rooms that outlive it
         unknown: tuple[float, str, int] | None = None
@@ -475,21 +476,20 @@ def place(
     smaller room id.
 
     A demand with an `expected_duration` goes where it keeps an alloc alive the least: the best
-    fit among the rooms whose tasks are expected to outlive it, else a room of unknown end,
-    else the room whose life it extends for the fewest size-seconds; and when even that costs
-    more than an alloc of its own for its duration and `alloc_overhead` (the smallest room or
-    offered shape that holds it) and the cluster can grow, it waits for `plan` to ask for one. One long task put
-    on an alloc whose tasks all end soon kept that alloc for hours: on the Alibaba trace
-    replay (bench/trace.py, with the new-bin rules of `_pack`) this took the billed cpu-hours
-    from 1,140 (best fit, end times deciding only among near-equal fits) to 969. Among the
-    rooms that outlive it, preferring the one whose tasks end soonest after it (within 0.05
-    of the best fit) billed more: 993 (and 522 / 1,539 against 504 / 1,477 on samples of
-    10,000 and 30,000 instances), the one that ends soonest whatever the fit 1,022, the
-    one that ends last 1,037. Told the shapes on offer and an overhead of the 60 s an idle
-    alloc is kept (as the Scheduler tells it), it bills 945 there and 1,478 instead of 1,482
-    on the synthetic trace; 1,074 / 981 against 1,110 / 1,042 on the Alibaba samples of
-    seeds 2 and 3 (synthetic 1,538 / 1,602 against 1,552 / 1,591). The shapes alone: 963
-    and 1,509.
+    fit among the rooms whose tasks are expected to outlive it, else a room of unknown end, else
+    the room whose life it extends for the fewest size-seconds; and when even that costs more
+    than an alloc of its own for its duration and `alloc_overhead` (the smallest room or offered
+    shape that holds it) and the cluster can grow, it waits for `plan` to ask for one. One long
+    task put on an alloc whose tasks all end soon kept that alloc for hours: on the Alibaba
+    trace replay (bench/trace.py, with the new-bin rules of `_pack`) this took the billed
+    cpu-hours from 1,140 (best fit, end times deciding only among near-equal fits) to 969. Among
+    the rooms that outlive it, preferring the one whose tasks end soonest after it (within 0.05
+    of the best fit) billed more: 993 (and 522 / 1,539 against 504 / 1,477 on samples of 10,000
+    and 30,000 instances), the one that ends soonest whatever the fit 1,022, the one that ends
+    last 1,037. Told the shapes on offer and an overhead of the 60 s an idle alloc is kept (as
+    the Scheduler tells it), it bills 945 there and 1,478 instead of 1,482 on the synthetic
+    trace; 1,074 / 981 against 1,110 / 1,042 on the Alibaba samples of seeds 2 and 3 (synthetic
+    1,538 / 1,602 against 1,552 / 1,591). The shapes alone: 963 and 1,509.
 
     A demand that fits nowhere does not block the ones behind it. When the cluster cannot grow
     (`can_grow=False`), such a demand reserves the room with the most free space whose
@@ -651,8 +651,9 @@ def _fill(
 
     A depth-first search over the pool in its order (largest first): its first path is the
     first-fit fill (whatever its length: thousands of tiny tasks fill one large alloc), and
-    within `budget` further examined items it looks for a better one, stopping at an exact fill. Items identical to one just backed out of are skipped (same subsets again),
-    and a sorted sizes array skips items too large for what is left.
+    within `budget` further examined items it looks for a better one, stopping at an exact fill.
+    Items identical to one just backed out of are skipped (same subsets again), and a sorted
+    sizes array skips items too large for what is left.
     """
     n = len(pool)
     neg = [-size[i] for i in pool]  # ascending, so bisect finds the first item small enough
