@@ -912,12 +912,8 @@ def _fewer_bins(bins: list[_Bin], vecs: Sequence[_Vec], cap: _Vec) -> list[_Bin]
     items = sorted(i for b in bins for i in b.items)
     if len(bins) < 2 or len(items) > _REPACK_MAX_ITEMS:
         return bins
-    width = len(cap)
-    total = _total([vecs[i] for i in items], width)
-    floor = 1
-    for need, have in zip(total, cap, strict=True):
-        if need > _EPS and have > 0:
-            floor = max(floor, math.ceil(need / have - _EPS))
+    total = _total([vecs[i] for i in items], len(cap))
+    floor = _bins_needed(total, cap)
     w = _weights(cap)
     order = sorted(items, key=lambda i: (-_dot(vecs[i], w), i))
     budget = [_REPACK_BUDGET]
@@ -1117,10 +1113,15 @@ def lower_bound(demands: Sequence[Demand], capacity: Resources) -> int:
         return 0
     space = _Space([*(d.resources for d in demands), capacity])
     cap = space.vec(capacity)
-    total = [0.0] * len(cap)
-    for d in demands:
-        for k, x in enumerate(space.vec(d.resources)):
-            total[k] += x
+    return _bins_needed(_total([space.vec(d.resources) for d in demands], len(cap)), cap)
+
+
+def _bins_needed(total: Sequence[float], cap: _Vec) -> int:
+    """max over dimensions of ceil(total / capacity), at least 1.
+
+    Raises:
+        ValueError: when the total needs a dimension the capacity lacks.
+    """
     bound = 1
     for need, have in zip(total, cap, strict=True):
         if need <= _EPS:
