@@ -6,19 +6,18 @@ import random
 
 import pytest
 
-from packsched.packing import Bin, Demand, _finish, _Menu, _pack, _Space, _urgency, pack
+from packsched import packing
+from packsched.packing import Bin, Demand, pack
 from packsched.resources import AllocShape, GiB, Resources
 
 EPS = 1e-6
 
 
 def greedy(demands: list[Demand], shape: AllocShape) -> list[Bin]:
-    """`pack` without the repack: the greedy packing alone."""
-    ordered = sorted(demands, key=_urgency)
-    space = _Space([*(d.resources for d in ordered), shape.resources])
-    menu = _Menu([shape], space)
-    vecs = [space.vec(d.resources) for d in ordered]
-    return _finish(_pack(ordered, vecs, menu, None), ordered, vecs, menu)
+    """`pack` without the repack (no instance is small enough for it): the greedy alone."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(packing, "_REPACK_MAX_ITEMS", 0)
+        return pack(demands, [shape])
 
 
 def triplets(rng: random.Random, bins: int) -> list[Demand]:
