@@ -34,6 +34,7 @@ import msgspec
 from .alloc.local import ExecutorConfig
 from .alloc.remote import LeaseConfig
 from .errors import InvalidSpecError
+from .log import get_logger
 from .resources import AllocShape, MiB, Resources
 from .scheduler import SchedulerConfig
 
@@ -53,8 +54,12 @@ __all__ = [
     "SlurmClusterConfig",
     "StoreConfig",
     "default_state_dir",
+    "http_url",
     "load_config",
+    "read_token",
 ]
+
+log = get_logger("packsched.config")
 
 DEFAULT_PORT = 8742
 ENV_PREFIX = "PACKSCHED_"
@@ -301,9 +306,7 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             address = None  # a host name
         if address is not None and address.is_unspecified:
             host = "::1" if address.version == 6 else "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.server.port}"
+        return http_url(host, self.server.port)
 
     def client_token(self) -> str | None:
         """The daemon's bearer token as a client on this machine finds it: `server.token`,
@@ -311,18 +314,12 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         has written it; None when there is none to read.
 
         Raises:
-            ConfigError: `server.token_file` cannot be read.
+            ConfigError: `server.token_file` cannot be read or is empty.
         """
         if self.server.token:
             return self.server.token
         if self.server.token_file:
-            path = Path(self.server.token_file).expanduser()
-            try:
-                return path.read_text(encoding="utf-8").strip() or None
-            except OSError as exc:
-                raise ConfigError(
-                    f"server.token_file: cannot read {path}: {exc.strerror}"
-                ) from None
+            return read_token(Path(self.server.token_file).expanduser(), "server.token_file")
         try:
             text = (self.resolved_state_dir() / "token").read_text(encoding="utf-8")
         except OSError:
@@ -338,6 +335,29 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 # The environment variable naming the TOML config file, for the daemon and its clients.
 CONFIG_ENV = "PACKSCHED_CONFIG"
+
+
+def http_url(host: str, port: int) -> str:
+    """The http URL of host:port (an IPv6 address in brackets)."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def read_token(path: Path, what: str) -> str:
+    """A bearer token from a file (stripped), warning when others can read the file.
+
+    Raises:
+        ConfigError: naming `what` (the key or the file's role), when the file cannot be
+            read or is empty.
+    """
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"{what}: {path} is empty")
+    if path.stat().st_mode & 0o077:
+        log.warning("token file is readable by others; chmod 600 it", path=str(path))
+    return token
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:

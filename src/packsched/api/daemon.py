@@ -32,6 +32,8 @@ from ..config import (
     LocalClusterConfig,
     ProcessClusterConfig,
     SlurmClusterConfig,
+    http_url,
+    read_token,
 )
 from ..errors import InvalidSpecError
 from ..log import get_logger
@@ -59,29 +61,17 @@ def resolve_token(config: DaemonConfig) -> tuple[str, Path | None]:
         return server.token, None
     if server.token_file:
         path = Path(server.token_file).expanduser()
-        return _read_token(path, "server.token_file"), path
+        return read_token(path, "server.token_file"), path
     path = config.resolved_state_dir() / "token"
     try:
         # O_EXCL: two daemons starting at once never overwrite each other's token.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return _read_token(path, "token file"), path
+        return read_token(path, "token file"), path
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
     log.info("generated a bearer token", path=str(path))
-    return _read_token(path, "token file"), path
-
-
-def _read_token(path: Path, what: str) -> str:
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
-    if not token:
-        raise ConfigError(f"{what}: {path} is empty")
-    if path.stat().st_mode & 0o077:
-        log.warning("token file is readable by others; chmod 600 it", path=str(path))
-    return token
+    return read_token(path, "token file"), path
 
 
 def build_store(config: DaemonConfig) -> Store:
@@ -134,7 +124,7 @@ def _agent_cluster(
     if cfg.agent_token:
         token = cfg.agent_token
     elif cfg.agent_token_file:
-        token = _read_token(Path(cfg.agent_token_file).expanduser(), "cluster.agent_token_file")
+        token = read_token(Path(cfg.agent_token_file).expanduser(), "cluster.agent_token_file")
     else:
         token = _state_token(config.resolved_state_dir() / "agent-token", "agent token file")
     if isinstance(cfg, KubernetesClusterConfig):
@@ -245,10 +235,10 @@ def _state_token(path: Path, what: str) -> str:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return _read_token(path, what)
+        return read_token(path, what)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
-    return _read_token(path, what)
+    return read_token(path, what)
 
 
 def _local_cluster(cfg: LocalClusterConfig) -> Cluster:
@@ -333,7 +323,7 @@ async def serve(config: DaemonConfig) -> None:
     store = build_store(config)
     sock = _listen(config.server.host, config.server.port)
     host, port = sock.getsockname()[:2]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    url = http_url(host, port)
     try:
         if isinstance(cluster, AgentCluster):
             # Before the scheduler resumes: agents must know where to call, and the cluster
