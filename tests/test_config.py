@@ -189,3 +189,32 @@ def test_the_documented_example_loads() -> None:
     example = Path(__file__).resolve().parent.parent / "docs" / "packsched.toml"
     config = load_config(example, environ={})
     assert config.server.port == 8742 and isinstance(config.cluster, LocalClusterConfig)
+
+
+def test_client_reads_the_config_file_once_and_only_when_needed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Client takes its address and token from one read of `$PACKSCHED_CONFIG`, and does not
+    read it at all when `$PACKSCHED_URL` and `$PACKSCHED_TOKEN` are set."""
+    from packsched.api import Client, client
+
+    reads: list[str] = []
+
+    def counting(path: str) -> DaemonConfig:
+        reads.append(path)
+        return load_config(path)
+
+    monkeypatch.setattr(client, "load_config", counting)
+    for name in ("PACKSCHED_URL", "PACKSCHED_TOKEN", "PACKSCHED_STATE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    path = write(tmp_path, '[server]\nport = 9003\ntoken = "from-file"\n')
+    monkeypatch.setenv("PACKSCHED_CONFIG", str(path))
+    with Client() as c:
+        assert c.url == "http://127.0.0.1:9003"
+    assert reads == [str(path)]
+    path.write_text("not toml [")
+    monkeypatch.setenv("PACKSCHED_URL", "http://10.0.0.5:8742")
+    monkeypatch.setenv("PACKSCHED_TOKEN", "from-env")
+    with Client() as c:
+        assert c.url == "http://10.0.0.5:8742"
+    assert reads == [str(path)]

@@ -13,6 +13,7 @@ returns the task the first attempt created.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -27,7 +28,7 @@ import anyio
 import httpx
 import msgspec
 
-from ..config import CONFIG_ENV, DEFAULT_PORT, DaemonConfig, default_state_dir, load_config
+from ..config import CONFIG_ENV, DaemonConfig, load_config
 from ..errors import InvalidSpecError, InvalidTransition, PackschedError, TaskNotFoundError
 from ..stats.snapshot import StatsSnapshot
 from ..task import Attempt, Task, TaskResult, TaskSpec, TaskState
@@ -108,45 +109,34 @@ class TaskFailed(PackschedError):
 # -- defaults --------------------------------------------------------------------------------
 
 
-def _configured() -> DaemonConfig | None:
-    """The daemon's config named by `$PACKSCHED_CONFIG`, if set (with the `PACKSCHED_*`
-    overrides the daemon would apply in this environment)."""
+def _daemon_config() -> DaemonConfig:
+    """The daemon's config as a client sees it: the file `$PACKSCHED_CONFIG` names (with the
+    `PACKSCHED_*` overrides the daemon would apply in this environment), else the defaults."""
     path = os.environ.get(CONFIG_ENV)
-    return load_config(path) if path else None
+    return load_config(path) if path else DaemonConfig()
 
 
-def default_url() -> str:
+def default_url(config: Callable[[], DaemonConfig] = _daemon_config) -> str:
     """`$PACKSCHED_URL`, else the address in the config `$PACKSCHED_CONFIG` names, else the
-    daemon's default address on this machine.
+    daemon's default address on this machine. `config` gives the daemon's config, called
+    only when the variable is not set.
 
     Raises:
         ConfigError: `$PACKSCHED_CONFIG` names a file that is unreadable or invalid, or that
             gives no fixed port.
     """
-    url = os.environ.get("PACKSCHED_URL")
-    if url:
-        return url
-    config = _configured()
-    return config.client_url() if config else f"http://127.0.0.1:{DEFAULT_PORT}"
+    return os.environ.get("PACKSCHED_URL") or config().client_url()
 
 
-def default_token() -> str | None:
+def default_token(config: Callable[[], DaemonConfig] = _daemon_config) -> str | None:
     """`$PACKSCHED_TOKEN`, else the token of the daemon `$PACKSCHED_CONFIG` describes, else the
-    token file a local daemon wrote, else None.
+    token file a local daemon wrote, else None. `config` as for `default_url`.
 
     Raises:
         ConfigError: as `default_url`, or the config's `server.token_file` is unreadable.
     """
     token = os.environ.get("PACKSCHED_TOKEN")
-    if token:
-        return token.strip()
-    config = _configured()
-    if config is not None:
-        return config.client_token()
-    try:
-        return (default_state_dir() / "token").read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
+    return token.strip() if token else config().client_token()
 
 
 # -- the request layer -----------------------------------------------------------------------
@@ -394,8 +384,9 @@ class _Base:
     def __init__(
         self, url: str | None, token: str | None, timeout: float, retry_timeout: float
     ) -> None:
-        self.url = (url or default_url()).rstrip("/")
-        token = token if token is not None else default_token()
+        config = functools.cache(_daemon_config)  # read at most once, and only when needed
+        self.url = (url or default_url(config)).rstrip("/")
+        token = token if token is not None else default_token(config)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = timeout
         self.retry_timeout = retry_timeout
