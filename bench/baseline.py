@@ -33,8 +33,7 @@ class ReferencePolicy:
         rooms: Sequence[Room],
         *,
         can_grow: bool = True,
-        shapes: Sequence[AllocShape] = (),
-        alloc_overhead: float = 0.0,
+        **ignored: object,
     ) -> Placement:
         """First fit in FIFO order within priority; stop at the first demand that fits nowhere
         (the shapes on offer and the alloc overhead play no part)."""

@@ -372,8 +372,7 @@ class _Unaware:
         rooms: Sequence[packing.Room],
         *,
         can_grow: bool = True,
-        shapes: Sequence[AllocShape] = (),
-        alloc_overhead: float = 0.0,
+        **ignored: object,  # the shapes on offer and the alloc overhead
     ) -> packing.Placement:
         return packing.place(demands, rooms, can_grow=can_grow)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import msgspec
 import pytest
@@ -448,18 +449,10 @@ async def test_placement_is_told_the_shapes_and_the_alloc_overhead() -> None:
         plan = staticmethod(packing.plan)
 
         def place(
-            self,
-            demands: Sequence[packing.Demand],
-            rooms: Sequence[packing.Room],
-            *,
-            can_grow: bool = True,
-            shapes: Sequence[AllocShape] = (),
-            alloc_overhead: float = 0.0,
+            self, demands: Sequence[packing.Demand], rooms: Sequence[packing.Room], **options: Any
         ) -> packing.Placement:
-            seen.append((tuple(shapes), alloc_overhead))
-            return packing.place(
-                demands, rooms, can_grow=can_grow, shapes=shapes, alloc_overhead=alloc_overhead
-            )
+            seen.append((tuple(options["shapes"]), options["alloc_overhead"]))
+            return packing.place(demands, rooms, **options)
 
     offered = [
         AllocShape(resources=Resources(cpu=c, mem=4 * c * GiB), name=f"{c}cpu") for c in (2, 8)
