@@ -909,7 +909,7 @@ def _fewer_bins(bins: list[_Bin], vecs: Sequence[_Vec], cap: _Vec) -> list[_Bin]
     down to the lower bound, within `_REPACK_BUDGET` examined items in all. The bins returned
     are ordered by their most urgent item, as the greedy opens them.
     """
-    items = sorted(i for b in bins for i in b.items)
+    items = [i for b in bins for i in b.items]
     if len(bins) < 2 or len(items) > _REPACK_MAX_ITEMS:
         return bins
     total = _total([vecs[i] for i in items], len(cap))
