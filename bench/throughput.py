@@ -248,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = (
             f"Each task needs 1 cpu and does nothing; {CPUS} cpus of capacity everywhere; timed "
             "from the first submit to the last result, spec construction included; rates in "
-            f"tasks/s, the median of {args.repeat} runs per size and system. packsched: in-process Scheduler + SimCluster (memory store, default "
+            f"tasks/s, the median of {args.repeat} runs per size and system. packsched: "
+            "in-process Scheduler + SimCluster (memory store, default "
             "SchedulerConfig) holding one 8-cpu alloc (`8 cpus`, the peers' capacity) or granting "
             "8-cpu allocs on demand (`elastic`); a run still going after the budget "
             f"({args.budget:g}s) is stopped and its rate is what settled by then. Dask: LocalCluster(n_workers=2, "
